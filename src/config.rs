@@ -1,0 +1,405 @@
+//! The YAML run configuration: schema, defaults, `--set` overrides and validation.
+//!
+//! Every field has a default or a clear "missing field" error; unknown fields, wrong types and
+//! out-of-range values are rejected with the field path (`optimizer.learning_rate: must be > 0`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+/// A configuration problem, always tied to the field (or file) it is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Where: a dotted field path, or a file name with a line for syntax errors.
+    pub at: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+/// All problems found in one config, reported together so a user fixes them in one go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid config:")?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn err(at: impl Into<String>, message: impl Into<String>) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError { at: at.into(), message: message.into() }])
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    pub training: TrainingConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub name: String,
+    /// Where the run writes; `runs/<name>` when not given.
+    pub output_dir: Option<PathBuf>,
+    pub seed: u64,
+    /// `flex` (CPU, always built), `wgpu` or `cuda` (cargo features of the same name).
+    pub device: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { name: "polyburn".into(), output_dir: None, seed: 1337, device: "flex".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// `.jsonl` files are prompt/reply records, anything else plain text.
+    #[default]
+    Auto,
+    Text,
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Training corpus: plain text or JSONL `{"prompt": ..., "reply": ...}`.
+    pub train: Option<PathBuf>,
+    /// Validation corpus; when absent a `validation_fraction` of `train` is held out.
+    pub validation: Option<PathBuf>,
+    pub format: DataFormat,
+    /// `char` (character-level, built from the corpus), `bpe` (byte-level BPE trained on the
+    /// corpus up to `model.vocab_size`, default 1024) or a path to a `tokenizer.json`.
+    pub tokenizer: String,
+    pub validation_fraction: f64,
+    /// Skip (and count) malformed JSONL lines instead of stopping at the first one.
+    pub skip_bad_lines: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train: None,
+            validation: None,
+            format: DataFormat::Auto,
+            tokenizer: "char".into(),
+            validation_fraction: 0.1,
+            skip_bad_lines: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Embedding rows; taken from the tokenizer when absent. Must cover the tokenizer.
+    pub vocab_size: Option<usize>,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// FFN hidden width; `4 * d_model` when absent.
+    pub d_ff: Option<usize>,
+    pub context_length: usize,
+    pub dropout: f64,
+    /// Biases in linear layers and LayerNorms.
+    pub bias: bool,
+    /// Share the token embedding with the LM head (as GPT-2 does).
+    pub tie_embeddings: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: None,
+            d_model: 128,
+            n_layers: 4,
+            n_heads: 4,
+            d_ff: None,
+            context_length: 64,
+            dropout: 0.0,
+            bias: true,
+            tie_embeddings: true,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn ffn_width(&self) -> usize {
+        self.d_ff.unwrap_or(4 * self.d_model)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    /// Peak learning rate, reached after `warmup_steps`, then cosine decay to `min_lr`.
+    pub learning_rate: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: usize,
+    pub min_lr: f64,
+    /// Global gradient-norm clip over all parameters; 0 turns clipping off.
+    pub max_grad_norm: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 1e-3,
+            betas: [0.9, 0.99],
+            eps: 1e-8,
+            weight_decay: 0.1,
+            warmup_steps: 100,
+            min_lr: 1e-4,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Optimizer steps.
+    pub max_steps: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step; their gradients are averaged.
+    pub grad_accum_steps: usize,
+    /// Evaluate on the validation split every this many steps (0: only at the end).
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    pub log_every: usize,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 2000,
+            batch_size: 12,
+            grad_accum_steps: 1,
+            eval_every: 250,
+            eval_batches: 20,
+            log_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    pub every_steps: usize,
+    /// Complete checkpoints kept on disk (older ones are pruned); 0 keeps all.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_steps: 1000, keep_last: 3 }
+    }
+}
+
+impl Config {
+    /// Reads a YAML file, applies `--set a.b=value` overrides and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read config: {e}")))?;
+        Self::from_yaml_str(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses YAML text (`source` names it in errors), applies overrides, validates.
+    pub fn from_yaml_str(text: &str, source: &str, overrides: &[String]) -> Result<Config, ConfigErrors> {
+        let mut value: Value = serde_yaml::from_str(text).map_err(|e| {
+            let at = match e.location() {
+                Some(l) => format!("{source}:{}:{}", l.line(), l.column()),
+                None => source.to_string(),
+            };
+            err(at, format!("YAML syntax error: {e}"))
+        })?;
+        if value.is_null() {
+            value = Value::Mapping(Default::default());
+        }
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let at = if path == "." { source.to_string() } else { path };
+            err(at, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range and consistency checks; every problem is reported with its field path.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, at: &str, message: &str| {
+            if !ok {
+                errors.push(ConfigError { at: at.into(), message: message.into() });
+            }
+        };
+        let m = &self.model;
+        let o = &self.optimizer;
+        let t = &self.training;
+        check(!self.run.name.is_empty(), "run.name", "must not be empty");
+        check(
+            matches!(self.run.device.as_str(), "flex" | "wgpu" | "cuda"),
+            "run.device",
+            "must be one of flex, wgpu, cuda",
+        );
+        check(self.data.train.is_some(), "data.train", "missing field: path to a text or JSONL corpus");
+        check(
+            self.data.validation_fraction > 0.0 && self.data.validation_fraction < 1.0,
+            "data.validation_fraction",
+            "must be in (0, 1)",
+        );
+        check(!self.data.tokenizer.is_empty(), "data.tokenizer", "must be `char`, `bpe` or a path to tokenizer.json");
+        check(m.vocab_size != Some(0), "model.vocab_size", "must be > 0");
+        check(m.d_model > 0, "model.d_model", "must be > 0");
+        check(m.n_layers > 0, "model.n_layers", "must be > 0");
+        check(m.n_heads > 0, "model.n_heads", "must be > 0");
+        check(m.n_heads == 0 || m.d_model % m.n_heads == 0, "model.n_heads", "must divide model.d_model");
+        check(m.d_ff != Some(0), "model.d_ff", "must be > 0");
+        check(m.context_length > 0, "model.context_length", "must be > 0");
+        check((0.0..1.0).contains(&m.dropout), "model.dropout", "must be in [0, 1)");
+        check(o.learning_rate > 0.0 && o.learning_rate.is_finite(), "optimizer.learning_rate", "must be > 0");
+        check(o.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "each must be in [0, 1)");
+        check(o.eps > 0.0, "optimizer.eps", "must be > 0");
+        check(o.weight_decay >= 0.0, "optimizer.weight_decay", "must be >= 0");
+        check(o.min_lr >= 0.0 && (o.learning_rate <= 0.0 || o.min_lr <= o.learning_rate), "optimizer.min_lr", "must be in [0, learning_rate]");
+        check(o.max_grad_norm >= 0.0, "optimizer.max_grad_norm", "must be >= 0 (0 turns clipping off)");
+        check(t.max_steps > 0, "training.max_steps", "must be > 0");
+        check(t.batch_size > 0, "training.batch_size", "must be > 0");
+        check(t.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0");
+        check(t.eval_batches > 0, "training.eval_batches", "must be > 0");
+        check(t.log_every > 0, "training.log_every", "must be > 0");
+        check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0");
+        if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        self.run.output_dir.clone().unwrap_or_else(|| PathBuf::from("runs").join(&self.run.name))
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a Config always serialises")
+    }
+}
+
+/// Applies one `a.b.c=value` override; the value is parsed as YAML so `1e-3`, `true` and
+/// `[0.9, 0.95]` get their natural types. Unknown paths are caught by deserialisation.
+pub fn apply_override(root: &mut Value, assignment: &str) -> Result<(), ConfigErrors> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| err(format!("--set {assignment}"), "expected `field.path=value`"))?;
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(str::is_empty) {
+        return Err(err(format!("--set {assignment}"), "empty field name in path"));
+    }
+    let new_value: Value = serde_yaml::from_str(raw)
+        .map_err(|e| err(path, format!("cannot parse override value `{raw}`: {e}")))?;
+    let keys: Vec<&str> = path.split('.').collect();
+    let mut node = root;
+    for (i, key) in keys.iter().enumerate() {
+        let map = match node {
+            Value::Mapping(map) => map,
+            Value::Null => {
+                *node = Value::Mapping(Default::default());
+                node.as_mapping_mut().expect("just set")
+            }
+            _ => return Err(err(keys[..i].join("."), "is not a section, cannot set a field inside it")),
+        };
+        let k = Value::String((*key).to_string());
+        if i + 1 == keys.len() {
+            map.insert(k, new_value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(Value::Null);
+    }
+    unreachable!("the loop returns at the last key")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str, sets: &[&str]) -> Result<Config, ConfigErrors> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::from_yaml_str(yaml, "test.yaml", &sets)
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_the_corpus() {
+        let e = parse("", &[]).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].at, "data.train");
+        let c = parse("data: {train: x.txt}", &[]).unwrap();
+        assert_eq!(c.checkpoint.every_steps, 1000);
+        assert_eq!(c.model.ffn_width(), 512);
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let e = parse("data: {train: x}\noptimizer: {learning_rate: 0}", &[]).unwrap_err();
+        assert_eq!(e.to_string().trim(), "invalid config:\n  optimizer.learning_rate: must be > 0");
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_name_the_path() {
+        let e = parse("data: {train: x}\noptimizer: {lerning_rate: 1}", &[]).unwrap_err();
+        assert!(e.0[0].at.starts_with("optimizer"), "{e}");
+        assert!(e.0[0].message.contains("lerning_rate"), "{e}");
+        let e = parse("data: {train: x}\ntraining: {batch_size: many}", &[]).unwrap_err();
+        assert_eq!(e.0[0].at, "training.batch_size", "{e}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_name_file_and_line() {
+        let e = parse("data:\n  train: [unclosed\nmodel: {}\n", &[]).unwrap_err();
+        assert!(e.0[0].at.starts_with("test.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn overrides_set_nested_fields_with_natural_types() {
+        let c = parse(
+            "data: {train: x}",
+            &["optimizer.learning_rate=3e-4", "optimizer.betas=[0.9, 0.95]", "model.dropout=0.1"],
+        )
+        .unwrap();
+        assert_eq!(c.optimizer.learning_rate, 3e-4);
+        assert_eq!(c.optimizer.betas, [0.9, 0.95]);
+        assert_eq!(c.model.dropout, 0.1);
+        let e = parse("data: {train: x}", &["model.nope=1"]).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(parse("data: {train: x}", &["novalue"]).is_err());
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = parse("data: {train: x}\nmodel: {d_ff: 100}", &[]).unwrap();
+        let again = parse(&c.to_yaml(), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

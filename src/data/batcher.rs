@@ -1,0 +1,203 @@
+//! Turning a tokenized corpus into batches. The sample order is a pure function of the seed
+//! and the global sample index, so the data cursor is just a number and resume is exact.
+
+use anyhow::{Result, bail};
+
+use super::corpus::TokenCorpus;
+use crate::rng::{Stream, derive_seed, permutation};
+
+/// One micro-batch as flat row-major buffers of shape `[batch_size, seq_len]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub inputs: Vec<i64>,
+    pub targets: Vec<i64>,
+    /// 1.0 where the target counts towards the loss (reply tokens, real positions), else 0.0.
+    pub loss_mask: Vec<f32>,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+impl Batch {
+    pub fn loss_tokens(&self) -> usize {
+        self.loss_mask.iter().filter(|&&m| m > 0.0).count()
+    }
+}
+
+/// Where the training stream is: derived from the number of samples consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataCursor {
+    pub samples_seen: u64,
+    pub epoch: u64,
+    pub position: u64,
+}
+
+pub struct SampleSource {
+    corpus: TokenCorpus,
+    context: usize,
+    seed: u64,
+    /// Training data is reshuffled each epoch; evaluation data is read in order.
+    shuffle: bool,
+    /// Largest start offset of text windows (varies per epoch so windows don't repeat).
+    max_offset: usize,
+    per_epoch: usize,
+    epoch_order: Option<(u64, Vec<usize>)>,
+}
+
+impl SampleSource {
+    pub fn new(corpus: TokenCorpus, context: usize, seed: u64, shuffle: bool) -> Result<Self> {
+        let (max_offset, per_epoch) = match &corpus {
+            TokenCorpus::Stream(tokens) => {
+                let need = context + 1;
+                if tokens.len() < need {
+                    bail!(
+                        "text split has {} tokens, fewer than context_length + 1 = {need}; \
+                         use more data or a shorter model.context_length",
+                        tokens.len()
+                    );
+                }
+                let max_offset = if shuffle { (context - 1).min(tokens.len() - need) } else { 0 };
+                (max_offset, (tokens.len() - need - max_offset) / context + 1)
+            }
+            TokenCorpus::Examples(examples) => {
+                if examples.is_empty() {
+                    bail!("no examples in this split");
+                }
+                (0, examples.len())
+            }
+        };
+        Ok(Self { corpus, context, seed, shuffle, max_offset, per_epoch, epoch_order: None })
+    }
+
+    pub fn samples_per_epoch(&self) -> usize {
+        self.per_epoch
+    }
+
+    pub fn cursor(&self, samples_seen: u64) -> DataCursor {
+        let per_epoch = self.per_epoch as u64;
+        DataCursor { samples_seen, epoch: samples_seen / per_epoch, position: samples_seen % per_epoch }
+    }
+
+    fn order(&mut self, epoch: u64) -> &[usize] {
+        if self.epoch_order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let order = if self.shuffle {
+                permutation(self.per_epoch, derive_seed(self.seed, Stream::Shuffle, epoch))
+            } else {
+                (0..self.per_epoch).collect()
+            };
+            self.epoch_order = Some((epoch, order));
+        }
+        &self.epoch_order.as_ref().expect("just filled").1
+    }
+
+    /// Tokens of the `index`-th sample of the (endless, epoch-after-epoch) stream and where
+    /// its loss starts.
+    fn sample(&mut self, index: u64) -> (Vec<u32>, usize) {
+        let DataCursor { epoch, position, .. } = self.cursor(index);
+        let slot = self.order(epoch)[position as usize];
+        let context = self.context;
+        match &self.corpus {
+            TokenCorpus::Stream(tokens) => {
+                let offset = if self.max_offset == 0 {
+                    0
+                } else {
+                    (derive_seed(self.seed, Stream::WindowOffset, epoch) % (self.max_offset as u64 + 1)) as usize
+                };
+                let start = offset + slot * context;
+                (tokens[start..start + context + 1].to_vec(), 0)
+            }
+            TokenCorpus::Examples(examples) => {
+                let ex = &examples[slot];
+                let mut tokens = ex.tokens.as_slice();
+                let mut loss_from = ex.loss_from;
+                // Too long: drop prompt tokens from the left first, then cut the reply's end.
+                let excess = tokens.len().saturating_sub(context + 1);
+                let drop = excess.min(loss_from.saturating_sub(1));
+                tokens = &tokens[drop..];
+                loss_from -= drop;
+                let tokens = &tokens[..tokens.len().min(context + 1)];
+                (tokens.to_vec(), loss_from)
+            }
+        }
+    }
+
+    /// `batch_size` consecutive samples starting at global sample index `first`.
+    pub fn batch(&mut self, first: u64, batch_size: usize) -> Batch {
+        let samples: Vec<(Vec<u32>, usize)> = (0..batch_size as u64).map(|i| self.sample(first + i)).collect();
+        let seq_len = samples.iter().map(|(t, _)| t.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let mut batch = Batch {
+            inputs: vec![0; batch_size * seq_len],
+            targets: vec![0; batch_size * seq_len],
+            loss_mask: vec![0.0; batch_size * seq_len],
+            batch_size,
+            seq_len,
+        };
+        for (row, (tokens, loss_from)) in samples.iter().enumerate() {
+            for t in 0..tokens.len().saturating_sub(1) {
+                let at = row * seq_len + t;
+                batch.inputs[at] = tokens[t] as i64;
+                batch.targets[at] = tokens[t + 1] as i64;
+                // Position t predicts token t+1; it counts when that token is part of the reply.
+                batch.loss_mask[at] = if t + 1 >= *loss_from { 1.0 } else { 0.0 };
+            }
+        }
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::corpus::Example;
+
+    #[test]
+    fn windows_are_shifted_targets_and_reproducible() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let mut a = SampleSource::new(TokenCorpus::Stream(tokens.clone()), 8, 1, true).unwrap();
+        let mut b = SampleSource::new(TokenCorpus::Stream(tokens), 8, 1, true).unwrap();
+        let batch = a.batch(5, 3);
+        assert_eq!(batch, b.batch(5, 3));
+        assert_eq!(batch.seq_len, 8);
+        for (x, y) in batch.inputs.iter().zip(&batch.targets) {
+            assert_eq!(x + 1, *y);
+        }
+        assert_eq!(batch.loss_tokens(), 24);
+    }
+
+    #[test]
+    fn an_epoch_visits_every_window_once() {
+        let tokens: Vec<u32> = (0..1000).collect();
+        let mut s = SampleSource::new(TokenCorpus::Stream(tokens), 10, 9, true).unwrap();
+        let n = s.samples_per_epoch() as u64;
+        let firsts: std::collections::BTreeSet<i64> = (0..n).map(|i| s.batch(n + i, 1).inputs[0]).collect();
+        assert_eq!(firsts.len() as u64, n);
+    }
+
+    #[test]
+    fn prompt_positions_carry_no_loss_and_padding_is_masked() {
+        let ex = |p: Vec<u32>, r: Vec<u32>| Example { loss_from: p.len(), tokens: [p, r].concat() };
+        let corpus = TokenCorpus::Examples(vec![ex(vec![1, 2, 3], vec![4, 5]), ex(vec![6], vec![7])]);
+        let mut s = SampleSource::new(corpus, 16, 0, false).unwrap();
+        let b = s.batch(0, 2);
+        assert_eq!(b.seq_len, 4);
+        // Row 0: inputs 1 2 3 4 → targets 2 3 4 5; loss on predicting 4 and 5.
+        assert_eq!(&b.targets[..4], &[2, 3, 4, 5]);
+        assert_eq!(&b.loss_mask[..4], &[0.0, 0.0, 1.0, 1.0]);
+        // Row 1: input 6 → target 7, then padding.
+        assert_eq!(&b.loss_mask[4..], &[1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn long_examples_keep_the_reply() {
+        let corpus = TokenCorpus::Examples(vec![Example { tokens: (0..20).collect(), loss_from: 15 }]);
+        let mut s = SampleSource::new(corpus, 8, 0, false).unwrap();
+        let b = s.batch(0, 1);
+        assert_eq!(b.targets.last(), Some(&19));
+        assert_eq!(b.loss_tokens(), 5);
+    }
+
+    #[test]
+    fn too_short_corpus_is_a_clear_error() {
+        let e = SampleSource::new(TokenCorpus::Stream(vec![1, 2]), 8, 0, true).err().unwrap();
+        assert!(e.to_string().contains("context_length"));
+    }
+}

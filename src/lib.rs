@@ -1,0 +1,10 @@
+//! polyburn: train language models from YAML configs on Burn.
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod model;
+pub mod rng;
+pub mod train;
+pub mod bench;
+pub mod generate;

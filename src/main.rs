@@ -1,0 +1,244 @@
+//! The `polyburn` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use polyburn::bench::{self, TrainBenchOptions};
+use polyburn::config::Config;
+use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
+use polyburn::generate::{SamplingOptions, generate};
+use polyburn::train::checkpoint::{self, MODEL_FILE};
+use polyburn::train::trainer::{init_model, model_config, saved_config};
+use polyburn::train::{self, TrainOptions};
+
+#[derive(Parser)]
+#[command(name = "polyburn", version, about = "Train language models from YAML configs on Burn")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a YAML config.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Continue from the latest checkpoint in the run's output_dir if there is one.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Continue a run from its latest complete checkpoint.
+    Resume {
+        /// The run directory (its output_dir).
+        run_dir: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Generate text from a trained run.
+    Generate(GenerateArgs),
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Override a config field, e.g. `--set optimizer.learning_rate=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    overrides: Vec<String>,
+    /// Stop with a checkpoint once the global step reaches N (resume later).
+    #[arg(long, value_name = "N")]
+    stop_at_step: Option<u64>,
+    /// No progress output on stderr (metrics and TensorBoard files are still written).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Run directory to load the latest checkpoint and tokenizer from.
+    #[arg(long)]
+    run: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Keep only the k most likely tokens (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Always take the most likely token (same as --temperature 0).
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use this checkpoint step instead of the latest.
+    #[arg(long)]
+    step: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenizerKind {
+    Char,
+    Bpe,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Build a tokenizer from text files and save it as tokenizer.json.
+    Train {
+        /// Text files to learn from.
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value_t = TokenizerKind::Bpe)]
+        kind: TokenizerKind,
+        /// Target vocabulary size (bpe only).
+        #[arg(long, default_value_t = 1024)]
+        vocab_size: usize,
+        #[arg(long, default_value = TOKENIZER_FILE)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Training throughput, matmul GFLOP/s and model-FLOPs utilisation, measured in one run.
+    Train {
+        #[arg(long, default_value = "configs/bench.yaml")]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        overrides: Vec<String>,
+        /// Timed optimizer steps (after warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = install_interrupt_handler().and_then(|_| run(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// First Ctrl-C: checkpoint after the current step and stop. Second: exit at once.
+fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| {
+        if train::interrupted() {
+            eprintln!("\ninterrupted again: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: writing a checkpoint after this step (Ctrl-C again to abort)");
+        train::request_interrupt();
+    })
+    .context("installing the Ctrl-C handler")
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Train { config, run, resume } => {
+            let config = Config::load(&config, &run.overrides)?;
+            train_and_report(config, resume, &run)
+        }
+        Command::Resume { run_dir, run } => {
+            let config = saved_config(&run_dir, &run.overrides)?;
+            if checkpoint::latest_checkpoint(&run_dir)?.is_none() {
+                bail!("{} has no complete checkpoint to resume from", run_dir.display());
+            }
+            train_and_report(config, true, &run)
+        }
+        Command::Generate(args) => generate_command(args),
+        Command::Tokenizer { command: TokenizerCommand::Train { inputs, kind, vocab_size, output } } => {
+            let texts = inputs
+                .iter()
+                .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+                .collect::<Result<Vec<_>>>()?;
+            let texts = texts.iter().map(String::as_str);
+            let tokenizer = match kind {
+                TokenizerKind::Char => TextTokenizer::build_char_level(texts)?,
+                TokenizerKind::Bpe => TextTokenizer::train_byte_bpe(texts, vocab_size)?,
+            };
+            tokenizer.save(&output)?;
+            println!("wrote {} ({} tokens)", output.display(), tokenizer.vocab_size());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { command: BenchCommand::Train { config, overrides, steps, json } } => {
+            let config = Config::load(&config, &overrides)?;
+            let report = bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn train_and_report(config: Config, resume: bool, run: &RunArgs) -> Result<ExitCode> {
+    let options = TrainOptions { resume, stop_at_step: run.stop_at_step, quiet: run.quiet };
+    let outcome = train::train(config, &options)?;
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    println!(
+        "step {}: train loss {}, eval loss {} ({})",
+        outcome.global_step,
+        fmt(outcome.final_train_loss),
+        fmt(outcome.final_eval_loss),
+        outcome.run_dir.display()
+    );
+    // Ctrl-C (not a planned --stop-at-step) ends with the conventional interrupt status.
+    Ok(if outcome.interrupted && train::interrupted() { ExitCode::from(130) } else { ExitCode::SUCCESS })
+}
+
+fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
+    let config = saved_config(&args.run, &[])?;
+    let tokenizer = TextTokenizer::from_file(&args.run.join(TOKENIZER_FILE))?;
+    let ckpt = match args.step {
+        Some(step) => checkpoint::list_checkpoints(&args.run)?
+            .into_iter()
+            .find(|c| c.step == step)
+            .with_context(|| format!("{} has no checkpoint for step {step}", args.run.display()))?,
+        None => checkpoint::latest_checkpoint(&args.run)?
+            .with_context(|| format!("{} has no checkpoint yet", args.run.display()))?,
+    };
+    let device = polyburn::device::device_from_name(&config.run.device)?;
+    let gpt = model_config(&config, tokenizer.vocab_size())?;
+    let model = checkpoint::load_weights(init_model(&gpt, config.run.seed, &device), &ckpt.dir.join(MODEL_FILE))?;
+    let options = SamplingOptions {
+        temperature: if args.greedy { 0.0 } else { args.temperature },
+        top_k: args.top_k,
+        top_p: args.top_p,
+        max_new_tokens: args.max_new_tokens,
+        stop_token: tokenizer.eos_id(),
+        seed: args.seed,
+    };
+    let prompt = tokenizer.encode(&args.prompt)?;
+    let new = generate(&model, &prompt, &options, &device)?;
+    println!("{}{}", args.prompt, tokenizer.decode(&new)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,5 @@
+//! Models polyburn trains.
+
+pub mod transformer;
+
+pub use transformer::{Gpt, GptConfig};

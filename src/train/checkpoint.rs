@@ -1,0 +1,267 @@
+//! Crash-safe checkpoints: everything needed to continue a run bit-for-bit.
+//!
+//! `checkpoints/step-<n>/` holds `model.safetensors` (weights, with the parameter ids in its
+//! metadata so optimizer state keyed by id stays attached), `optimizer.bpk` (AdamW moments),
+//! `config.yaml` (the resolved config) and `state.json` (global step, data cursor, seed,
+//! last metrics). LR and α schedules, RNG streams and the data position are functions of the
+//! global step, so the step restores them. A checkpoint is written to `step-<n>.tmp/`,
+//! fsynced and renamed: a crash mid-write leaves the previous checkpoint intact.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataCursor;
+
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+pub const STATE_FILE: &str = "state.json";
+pub const CONFIG_FILE: &str = "config.yaml";
+/// safetensors metadata key holding `{tensor name: ParamId}`.
+const PARAM_IDS_KEY: &str = "polyburn.param_ids";
+
+/// The trainer's own state at a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed; the one owner of LR, α, RNG and data position.
+    pub global_step: u64,
+    pub data: DataCursor,
+    pub seed: u64,
+    /// Learning rate used by the last step (derived from the step; stored for inspection).
+    pub learning_rate: f64,
+    pub last_train_loss: Option<f64>,
+    pub last_eval_loss: Option<f64>,
+    pub best_eval_loss: Option<f64>,
+    pub best_eval_step: Option<u64>,
+}
+
+/// A complete checkpoint on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub step: u64,
+    pub dir: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn state(&self) -> Result<TrainerState> {
+        let path = self.dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step}")
+}
+
+/// Complete checkpoints of a run, oldest first. `.tmp` directories (interrupted writes) and
+/// anything else are ignored.
+pub fn list_checkpoints(run_dir: &Path) -> Result<Vec<Checkpoint>> {
+    let dir = run_dir.join(CHECKPOINTS_DIR);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(STATE_FILE).is_file() {
+            found.push(Checkpoint { step, dir: entry.path() });
+        }
+    }
+    found.sort_by_key(|c| c.step);
+    Ok(found)
+}
+
+pub fn latest_checkpoint(run_dir: &Path) -> Result<Option<Checkpoint>> {
+    Ok(list_checkpoints(run_dir)?.pop())
+}
+
+fn fsync_path(path: &Path) -> Result<()> {
+    File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", path.display()))
+}
+
+/// Writes a file and flushes it to disk.
+pub fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all().with_context(|| format!("fsync {}", path.display()))
+}
+
+/// Writes `checkpoints/step-<step>/` atomically: `fill` writes the files into a temp dir,
+/// which is fsynced and renamed. Then keeps only the newest `keep_last` (0 = all).
+pub fn write_checkpoint(
+    run_dir: &Path,
+    step: u64,
+    keep_last: usize,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<Checkpoint> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let final_dir = root.join(step_dir_name(step));
+    let tmp_dir = root.join(format!("{}.tmp", step_dir_name(step)));
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(&tmp_dir)?;
+    }
+    std::fs::create_dir(&tmp_dir).with_context(|| format!("creating {}", tmp_dir.display()))?;
+    fill(&tmp_dir)?;
+    for entry in std::fs::read_dir(&tmp_dir)? {
+        fsync_path(&entry?.path())?;
+    }
+    fsync_path(&tmp_dir)?;
+    if final_dir.exists() {
+        // Same step written again (e.g. Ctrl-C right after a periodic save): replace it.
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp_dir, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp_dir.display(), final_dir.display()))?;
+    fsync_path(&root)?;
+    prune(run_dir, keep_last)?;
+    Ok(Checkpoint { step, dir: final_dir })
+}
+
+fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    let all = list_checkpoints(run_dir)?;
+    for old in all.iter().take(all.len().saturating_sub(keep_last)) {
+        std::fs::remove_dir_all(&old.dir).with_context(|| format!("removing {}", old.dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Collects every float parameter with its dotted path (`blocks.0.attn.qkv.weight`).
+#[derive(Default)]
+struct NamedParams {
+    path: Vec<String>,
+    tensors: Vec<(String, ParamId, TensorData)>,
+}
+
+impl ModuleVisitor for NamedParams {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let data = param.val().into_data().convert::<f32>();
+        self.tensors.push((self.path.join("."), param.id, data));
+    }
+}
+
+/// Every float parameter of a module: `(name, id, data)` in module order.
+pub fn named_parameters<M: Module>(module: &M) -> Vec<(String, ParamId, TensorData)> {
+    let mut v = NamedParams::default();
+    module.visit(&mut v);
+    v.tensors
+}
+
+/// Serialises a module's weights as safetensors (f32), parameter ids in the metadata.
+pub fn weights_to_safetensors<M: Module>(module: &M) -> Result<Vec<u8>> {
+    let params = named_parameters(module);
+    let ids: BTreeMap<&str, u64> = params.iter().map(|(n, id, _)| (n.as_str(), id.val())).collect();
+    let metadata = HashMap::from([
+        (PARAM_IDS_KEY.to_string(), serde_json::to_string(&ids)?),
+        ("format".to_string(), "pt".to_string()),
+    ]);
+    let views = params
+        .iter()
+        .map(|(name, _, data)| {
+            let view = TensorView::new(Dtype::F32, data.shape().to_vec(), data.as_bytes())
+                .map_err(|e| anyhow!("tensor {name}: {e}"))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow!("serialising weights: {e}"))
+}
+
+pub fn save_weights<M: Module>(module: &M, path: &Path) -> Result<()> {
+    write_file_synced(path, &weights_to_safetensors(module)?)
+}
+
+/// Replaces each parameter's value (and id, when recorded) with the stored one.
+struct LoadParams<'a> {
+    source: String,
+    tensors: &'a SafeTensors<'a>,
+    ids: BTreeMap<String, u64>,
+    path: Vec<String>,
+    loaded: usize,
+    error: Option<anyhow::Error>,
+}
+
+impl ModuleMapper for LoadParams<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let name = self.path.join(".");
+        let expected = param.val().dims().to_vec();
+        let view = match self.tensors.tensor(&name) {
+            Ok(v) => v,
+            Err(_) => {
+                self.error = Some(anyhow!("{}: tensor `{name}` is missing", self.source));
+                return param;
+            }
+        };
+        if view.shape() != expected.as_slice() || view.dtype() != Dtype::F32 {
+            self.error = Some(anyhow!(
+                "{}: tensor `{name}` is {:?} {:?}, the model expects F32 {:?}",
+                self.source,
+                view.dtype(),
+                view.shape(),
+                expected
+            ));
+            return param;
+        }
+        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), burn::tensor::DType::F32);
+        let device = param.val().device();
+        let id = self.ids.get(&name).map(|&id| ParamId::from(id)).unwrap_or(param.id);
+        self.loaded += 1;
+        param.transform_for_load(Tensor::from_data(data, &device), id)
+    }
+}
+
+/// Loads weights saved by [`save_weights`] into `module`. Every parameter must be present
+/// with its exact shape; extra tensors in the file are an error too (nothing loads half-way).
+pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let source = path.display().to_string();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{source}: {e}"))?;
+    let ids: BTreeMap<String, u64> = match meta.metadata().as_ref().and_then(|m| m.get(PARAM_IDS_KEY)) {
+        Some(json) => serde_json::from_str(json).with_context(|| format!("{source}: bad {PARAM_IDS_KEY}"))?,
+        None => BTreeMap::new(),
+    };
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{source}: {e}"))?;
+    let mut loader = LoadParams { source: source.clone(), tensors: &tensors, ids, path: Vec::new(), loaded: 0, error: None };
+    let module = module.map(&mut loader);
+    if let Some(e) = loader.error {
+        return Err(e);
+    }
+    if loader.loaded != tensors.len() {
+        let known: std::collections::HashSet<String> =
+            named_parameters(&module).into_iter().map(|(n, _, _)| n).collect();
+        let extra: Vec<String> = tensors.names().into_iter().filter(|n| !known.contains(*n)).map(str::to_string).collect();
+        bail!("{source}: tensors the model does not have: {}", extra.join(", "));
+    }
+    Ok(module)
+}

@@ -1,0 +1,341 @@
+//! The training loop. One owner for the global step: the LR, the data position and the
+//! per-step RNG are all read from it, so a resumed run is the same run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::Device;
+use serde_json::json;
+
+use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainerState};
+use super::logging::RunLogger;
+use super::objective::{BatchTensors, sft_loss};
+use super::optim::{GradientSum, build_optimizer, learning_rate};
+use crate::config::Config;
+use crate::data::{self, PreparedData, SampleSource};
+use crate::device::device_from_name;
+use crate::model::{Gpt, GptConfig};
+use crate::rng::{Stream, derive_seed};
+
+/// How a call to [`train`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    pub global_step: u64,
+    pub final_train_loss: Option<f64>,
+    pub final_eval_loss: Option<f64>,
+    /// Stopped early (Ctrl-C or `stop_at_step`) with a checkpoint to resume from.
+    pub interrupted: bool,
+}
+
+/// Options of one invocation that are not part of the run's config.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the latest checkpoint in the run directory if there is one.
+    pub resume: bool,
+    /// Stop (with a checkpoint) once the global step reaches this, as if interrupted.
+    pub stop_at_step: Option<u64>,
+    /// No progress output (tests, sweeps).
+    pub quiet: bool,
+}
+
+/// Model sizes for a config once the tokenizer is known.
+pub fn model_config(config: &Config, tokenizer_vocab: usize) -> Result<GptConfig> {
+    let vocab = match config.model.vocab_size {
+        Some(v) if v < tokenizer_vocab => {
+            bail!("model.vocab_size: {v} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})")
+        }
+        Some(v) => v,
+        None => tokenizer_vocab,
+    };
+    Ok(GptConfig::from_model_config(&config.model, vocab))
+}
+
+/// A fresh model for `config`, initialised from the run seed on `device`.
+pub fn init_model(gpt: &GptConfig, seed: u64, device: &Device) -> Gpt {
+    device.seed(derive_seed(seed, Stream::Init, 0));
+    gpt.init(device)
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    /// Input tokens processed (padding included).
+    pub tokens: usize,
+}
+
+/// The model and its optimizer: one optimizer step at a time. Shared by the training loop
+/// and the benchmarks so both measure the same code.
+pub struct Learner {
+    pub config: Config,
+    pub device: Device,
+    pub model: Gpt,
+    pub optimizer: ModuleOptimizer,
+}
+
+impl Learner {
+    pub fn samples_per_step(&self) -> u64 {
+        (self.config.training.batch_size * self.config.training.grad_accum_steps) as u64
+    }
+
+    /// Optimizer step number `step` (0-based) over `grad_accum_steps` micro-batches of `source`.
+    pub fn step(&mut self, source: &mut SampleSource, step: u64) -> Result<StepStats> {
+        let t = &self.config.training;
+        // Dropout masks come from the backend RNG: reseed it from the step so a resumed run
+        // draws the same masks.
+        self.device.seed(derive_seed(self.config.run.seed, Stream::StepNoise, step));
+        let first_sample = step * self.samples_per_step();
+        let mut sum = GradientSum::default();
+        let mut loss_total = 0.0;
+        let mut tokens = 0;
+        for micro in 0..t.grad_accum_steps {
+            let batch = source.batch(first_sample + (micro * t.batch_size) as u64, t.batch_size);
+            tokens += batch.batch_size * batch.seq_len;
+            let batch = BatchTensors::new(&batch, &self.device);
+            let loss = sft_loss(&self.model, &batch);
+            let value = loss.clone().into_scalar::<f32>() as f64;
+            if !value.is_finite() {
+                bail!("non-finite loss ({value}) at step {}", step + 1);
+            }
+            loss_total += value;
+            sum.add(&self.model, GradientsParams::from_grads(loss.backward(), &self.model));
+        }
+        let grads = sum.finish(&self.model, self.config.optimizer.max_grad_norm);
+        if !grads.grad_norm.is_finite() {
+            bail!("non-finite gradient norm ({}) at step {}", grads.grad_norm, step + 1);
+        }
+        let learning_rate = learning_rate(&self.config.optimizer, step, t.max_steps as u64);
+        self.model = self.optimizer.step(learning_rate, self.model.clone(), grads.grads);
+        Ok(StepStats {
+            loss: loss_total / t.grad_accum_steps as f64,
+            grad_norm: grads.grad_norm,
+            learning_rate,
+            tokens,
+        })
+    }
+}
+
+struct Loop {
+    learner: Learner,
+    run_dir: PathBuf,
+    data: PreparedData,
+    state: TrainerState,
+    logger: Option<RunLogger>,
+}
+
+/// Trains (or resumes) the run described by `config` in `config.output_dir()`.
+pub fn train(config: Config, options: &TrainOptions) -> Result<TrainOutcome> {
+    let run_dir = config.output_dir();
+    let latest = checkpoint::latest_checkpoint(&run_dir)?;
+    if latest.is_some() && !options.resume {
+        bail!(
+            "{} already holds checkpoints; continue it with `polyburn resume {}` (or `train --resume`), \
+             or choose another run.output_dir",
+            run_dir.display(),
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let data = data::prepare(&config, &run_dir)?;
+    let gpt = model_config(&config, data.tokenizer.vocab_size())?;
+    let device = device_from_name(&config.run.device)?.autodiff();
+    let mut model = init_model(&gpt, config.run.seed, &device);
+
+    let state = match &latest {
+        Some(ckpt) => {
+            model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE))?;
+            ckpt.state()?
+        }
+        None => TrainerState {
+            global_step: 0,
+            data: data.train.cursor(0),
+            seed: config.run.seed,
+            learning_rate: 0.0,
+            last_train_loss: None,
+            last_eval_loss: None,
+            best_eval_loss: None,
+            best_eval_step: None,
+        },
+    };
+    if state.seed != config.run.seed {
+        bail!("run.seed: the checkpoint was trained with seed {}, the config says {}", state.seed, config.run.seed);
+    }
+    let mut optimizer = build_optimizer(&config.optimizer, &model);
+    if let Some(ckpt) = &latest {
+        let path = ckpt.dir.join(OPTIMIZER_FILE);
+        optimizer = optimizer.load(&path).map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
+    }
+    checkpoint::write_file_synced(&run_dir.join(CONFIG_FILE), config.to_yaml().as_bytes())?;
+
+    let max_steps = config.training.max_steps as u64;
+    let logger = Some(RunLogger::open(&run_dir, state.global_step, max_steps, options.quiet)?);
+    let learner = Learner { config, device, model, optimizer };
+    let mut run = Loop { learner, run_dir, data, state, logger };
+    run.announce(latest.as_ref().map(|c| c.step), &gpt);
+    run.run(options.stop_at_step)
+}
+
+impl Loop {
+    fn logger(&mut self) -> &mut RunLogger {
+        self.logger.as_mut().expect("logger opened before the loop")
+    }
+
+    fn announce(&mut self, resumed_from: Option<u64>, gpt: &GptConfig) {
+        let params: usize = self.learner.model.num_params();
+        let text = format!(
+            "polyburn: {} | {} params ({} layers, d={}, heads={}, ctx={}, vocab={}) | train {} tokens, validation {} tokens{}{}",
+            self.run_dir.display(),
+            params,
+            gpt.n_layers,
+            gpt.d_model,
+            gpt.n_heads,
+            gpt.context_length,
+            gpt.vocab_size,
+            self.data.train_tokens,
+            self.data.validation_tokens,
+            match self.data.skipped_lines {
+                0 => String::new(),
+                n => format!(" | skipped {n} bad JSONL lines"),
+            },
+            match resumed_from {
+                Some(step) => format!(" | resuming from step {step}"),
+                None => String::new(),
+            },
+        );
+        self.logger().message(&text);
+    }
+
+    fn run(mut self, stop_at_step: Option<u64>) -> Result<TrainOutcome> {
+        let t = self.learner.config.training.clone();
+        let max_steps = t.max_steps as u64;
+        let mut interrupted = false;
+        while self.state.global_step < max_steps {
+            let step = self.state.global_step;
+            let started = Instant::now();
+            let StepStats { loss, grad_norm, learning_rate: lr, tokens } =
+                self.learner.step(&mut self.data.train, step).map_err(|e| {
+                    e.context(format!(
+                        "stopping without writing a checkpoint; the last good one is kept. Lower \
+                         optimizer.learning_rate or check the data, then `polyburn resume {}`",
+                        self.run_dir.display()
+                    ))
+                })?;
+            let step_secs = started.elapsed().as_secs_f64();
+            self.state.global_step += 1;
+            self.state.learning_rate = lr;
+            self.state.last_train_loss = Some(loss);
+            self.state.data = self.data.train.cursor(self.state.global_step * self.learner.samples_per_step());
+            let done = self.state.global_step;
+
+            if done % t.log_every as u64 == 0 || done == max_steps {
+                let tokens_per_sec = tokens as f64 / step_secs;
+                let logger = self.logger();
+                logger.scalar("train/loss", loss, done);
+                logger.scalar("train/lr", lr, done);
+                logger.scalar("train/grad_norm", grad_norm, done);
+                logger.scalar("perf/tokens_per_sec", tokens_per_sec, done);
+                logger.scalar("perf/step_ms", step_secs * 1e3, done);
+                logger.record(json!({
+                    "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_sec": tokens_per_sec, "step_ms": step_secs * 1e3,
+                }))?;
+                logger.progress(done, max_steps, &format!("loss {loss:.4}  {tokens_per_sec:.0} tok/s"));
+            } else {
+                self.logger().tick(done);
+            }
+            if (t.eval_every > 0 && done % t.eval_every as u64 == 0) || done == max_steps {
+                self.evaluate()?;
+            }
+            interrupted = super::interrupted() || stop_at_step.is_some_and(|s| done >= s);
+            if done % self.learner.config.checkpoint.every_steps as u64 == 0 || done == max_steps || interrupted {
+                self.save_checkpoint()?;
+            }
+            if interrupted {
+                break;
+            }
+        }
+        let logger = self.logger.take().expect("logger");
+        if interrupted {
+            logger.message(&format!(
+                "stopped at step {}; continue with `polyburn resume {}`",
+                self.state.global_step,
+                self.run_dir.display()
+            ));
+        }
+        logger.finish();
+        Ok(TrainOutcome {
+            run_dir: self.run_dir,
+            global_step: self.state.global_step,
+            final_train_loss: self.state.last_train_loss,
+            final_eval_loss: self.state.last_eval_loss,
+            interrupted,
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<()> {
+        let l = &self.learner;
+        let loss = evaluate(&l.model, &mut self.data.validation, &l.config, &l.device)?;
+        let step = self.state.global_step;
+        self.state.last_eval_loss = Some(loss);
+        if self.state.best_eval_loss.is_none_or(|b| loss < b) {
+            self.state.best_eval_loss = Some(loss);
+            self.state.best_eval_step = Some(step);
+        }
+        let logger = self.logger();
+        logger.scalar("eval/loss", loss, step);
+        logger.record(json!({"step": step, "eval_loss": loss}))?;
+        logger.message(&format!("step {step}: eval loss {loss:.4}"));
+        Ok(())
+    }
+
+    fn save_checkpoint(&mut self) -> Result<()> {
+        let state = serde_json::to_vec_pretty(&self.state)?;
+        let config = self.learner.config.to_yaml();
+        let (model, optimizer) = (&self.learner.model, &self.learner.optimizer);
+        let keep_last = self.learner.config.checkpoint.keep_last;
+        checkpoint::write_checkpoint(&self.run_dir, self.state.global_step, keep_last, |dir| {
+            checkpoint::save_weights(model, &dir.join(MODEL_FILE))?;
+            optimizer
+                .save(dir.join(OPTIMIZER_FILE))
+                .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
+            checkpoint::write_file_synced(&dir.join(CONFIG_FILE), config.as_bytes())?;
+            // Written last: a directory with state.json is complete.
+            checkpoint::write_file_synced(&dir.join(STATE_FILE), &state)
+        })?;
+        self.logger().flush();
+        Ok(())
+    }
+}
+
+/// Mean `sft` loss over the first `eval_batches` batches of `source`, without autodiff.
+pub fn evaluate(model: &Gpt, source: &mut SampleSource, config: &Config, device: &Device) -> Result<f64> {
+    let model = model.valid();
+    let device = device.clone().inner();
+    let t = &config.training;
+    let mut total = 0.0;
+    for i in 0..t.eval_batches {
+        let batch = source.batch((i * t.batch_size) as u64, t.batch_size);
+        total += sft_loss(&model, &BatchTensors::new(&batch, &device)).into_scalar::<f32>() as f64;
+    }
+    Ok(total / t.eval_batches as f64)
+}
+
+/// The config saved in a run directory (what `polyburn resume` continues).
+pub fn saved_config(run_dir: &Path, overrides: &[String]) -> Result<Config> {
+    let path = run_dir.join(CONFIG_FILE);
+    if !path.exists() {
+        bail!("{} has no {CONFIG_FILE}: is it a polyburn run directory?", run_dir.display());
+    }
+    let mut config = Config::load(&path, overrides)?;
+    // The run lives where it is now, even if the directory was moved.
+    config.run.output_dir = Some(run_dir.to_path_buf());
+    Ok(config)
+}
