@@ -57,7 +57,9 @@ pub fn model_config(config: &Config, tokenizer_vocab: usize) -> Result<GptConfig
 /// A fresh model for `config`, initialised from the run seed on `device`.
 pub fn init_model(gpt: &GptConfig, seed: u64, device: &Device) -> Gpt {
     device.seed(derive_seed(seed, Stream::Init, 0));
-    gpt.init(device)
+    let model = gpt.init(device);
+    crate::model::initialize_parameters(&model);
+    model
 }
 
 /// What one optimizer step measured.

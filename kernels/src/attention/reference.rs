@@ -12,8 +12,9 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: At
     let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
     let mut mask: Option<Tensor<4, Bool>> = None;
     if options.causal {
-        // true above the (bottom-right aligned) diagonal = future keys.
-        let future = Tensor::<2, Bool>::triu_mask([tq, tk], 1 + tk as i64 - tq as i64, &device);
+        // `tril_mask` is false on and below the (bottom-right aligned) diagonal, true above:
+        // exactly the future keys.
+        let future = Tensor::<2, Bool>::tril_mask([tq, tk], tk as i64 - tq as i64, &device);
         mask = Some(future.reshape([1, 1, tq, tk]).expand([batch, heads, tq, tk]));
     }
     if let Some(extra) = options.mask {
@@ -27,4 +28,44 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: At
         scores = scores.mask_fill(mask, f32::NEG_INFINITY);
     }
     softmax(scores, 3).matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution, TensorData};
+
+    /// Attention by explicit loops over one head, the textbook formula.
+    fn naive(q: &[f32], k: &[f32], v: &[f32], tq: usize, tk: usize, d: usize, causal: bool) -> Vec<f32> {
+        let mut out = vec![0.0; tq * d];
+        for i in 0..tq {
+            let visible = if causal { i + (tk - tq) + 1 } else { tk };
+            let scores: Vec<f32> = (0..visible)
+                .map(|j| (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f32>() / (d as f32).sqrt())
+                .collect();
+            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for (j, w) in weights.iter().enumerate() {
+                for c in 0..d {
+                    out[i * d + c] += w / total * v[j * d + c];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_loops_causal_and_not_with_shorter_queries() {
+        let device = Device::flex();
+        for (tq, tk, causal) in [(5, 5, true), (5, 5, false), (2, 7, true), (1, 4, true)] {
+            let d = 3;
+            let rand = |t| Tensor::<4>::random([1, 1, t, d], Distribution::Normal(0.0, 1.0), &device);
+            let (q, k, v) = (rand(tq), rand(tk), rand(tk));
+            let vec = |t: &Tensor<4>| t.to_data().to_vec::<f32>().unwrap();
+            let expected = naive(&vec(&q), &vec(&k), &vec(&v), tq, tk, d, causal);
+            let got = attention_reference(q, k, v, AttentionOptions { causal, mask: None });
+            got.into_data().assert_approx_eq::<f32>(&TensorData::new(expected, [1, 1, tq, d]), Default::default());
+        }
+    }
 }

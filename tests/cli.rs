@@ -1,0 +1,151 @@
+//! End-to-end CLI behaviour: bad input is a clear error that loses nothing; the shipped
+//! configs parse; generate, tokenizer and bench commands work.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn bad_yaml_names_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "bad.yaml", "run:\n  name: x\ndata: [unclosed\n");
+    let r = run(&["train", "--config", cfg.to_str().unwrap()]).fails();
+    assert!(r.stderr().contains("bad.yaml:"), "{}", r.stderr());
+    assert!(r.stderr().contains("YAML syntax error"), "{}", r.stderr());
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&tmp.path().join("out")));
+    let cfg = cfg.to_str().unwrap();
+    let r = run(&["train", "--config", cfg, "--set", "optimizer.learning_rate=-1"]).fails();
+    assert!(r.stderr().contains("optimizer.learning_rate: must be > 0"), "{}", r.stderr());
+    let r = run(&["train", "--config", cfg, "--set", "model.n_layer=3"]).fails();
+    assert!(r.stderr().contains("n_layer"), "{}", r.stderr());
+    let r = run(&["train", "--config", cfg, "--set", "training.batch_size=lots"]).fails();
+    assert!(r.stderr().contains("training.batch_size"), "{}", r.stderr());
+    assert!(!tmp.path().join("out").exists(), "nothing is written for an invalid config");
+}
+
+#[test]
+fn missing_corpus_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&tmp.path().join("out")));
+    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--set", "data.train=/nonexistent/corpus.txt"]).fails();
+    assert!(r.stderr().contains("/nonexistent/corpus.txt"), "{}", r.stderr());
+    let r = run(&["train", "--config", "/nonexistent/config.yaml"]).fails();
+    assert!(r.stderr().contains("/nonexistent/config.yaml"), "{}", r.stderr());
+}
+
+fn jsonl_config(dir: &std::path::Path, corpus: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("out");
+    let yaml = tiny_text_config(&out)
+        .replace(&repo_root().join("data/shakespeare_excerpt.txt").display().to_string(), &corpus.display().to_string());
+    write_config(dir, "j.yaml", &yaml)
+}
+
+#[test]
+fn bad_jsonl_line_is_an_error_unless_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(repo_root().join("data/arithmetic.jsonl")).unwrap();
+    let mut lines: Vec<&str> = good.lines().take(60).collect();
+    lines.insert(10, "{\"prompt\": \"1+1=\"");
+    let corpus = tmp.path().join("qa.jsonl");
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let cfg = jsonl_config(tmp.path(), &corpus);
+    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--set", "training.max_steps=2"]).fails();
+    assert!(r.stderr().contains(&format!("{}:11:", corpus.display())), "{}", r.stderr());
+    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--set", "training.max_steps=2", "--set", "data.skip_bad_lines=true"])
+        .ok();
+    assert!(r.stderr().contains("skipped 1 bad JSONL lines"), "{}", r.stderr());
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
+    // An absurd learning rate blows the weights up after the first update.
+    let r = run(&[
+        "train", "--config", cfg.to_str().unwrap(),
+        "--set", "optimizer.learning_rate=1e30", "--set", "optimizer.min_lr=0", "--set", "optimizer.warmup_steps=0",
+        "--set", "optimizer.max_grad_norm=0", "--set", "checkpoint.every_steps=1", "--set", "training.max_steps=50",
+    ])
+    .fails();
+    assert!(r.stderr().contains("non-finite"), "{}", r.stderr());
+    let steps = checkpoint_steps(&out);
+    assert!(!steps.is_empty() && *steps.last().unwrap() < 50, "{steps:?}");
+    // The last checkpoint is complete and loadable: generate from it.
+    run(&["generate", "--run", out.to_str().unwrap(), "--prompt", "A", "--max-new-tokens", "3", "--greedy"]).ok();
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Sweep configs have their own schema; training configs start with sections.
+        if text.contains("\nbase:") || text.starts_with("base:") {
+            continue;
+        }
+        let overrides = ["data.train=data/shakespeare_excerpt.txt".to_string()];
+        let overrides: &[String] = if text.contains("train:") { &[] } else { &overrides };
+        polyburn::config::Config::load(&path, overrides).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+#[test]
+fn train_generate_and_tokenizer_commands_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
+    let r = run(&["train", "--config", cfg.to_str().unwrap()]).ok();
+    assert!(r.stdout().contains("step 8: train loss"), "{}", r.stdout());
+    for file in ["config.yaml", "metrics.jsonl", "tokenizer.json", "checkpoints/step-8/model.safetensors"] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let tb: Vec<_> = std::fs::read_dir(out.join("tb")).unwrap().collect();
+    assert_eq!(tb.len(), 1);
+    let events = std::fs::read(tb[0].as_ref().unwrap().path()).unwrap();
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "eval/loss", "perf/tokens_per_sec", "perf/step_ms"] {
+        assert!(events.windows(tag.len()).any(|w| w == tag.as_bytes()), "TensorBoard tag {tag} missing");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"eval_loss\""));
+
+    let greedy = |seed: &str| {
+        run(&["generate", "--run", out.to_str().unwrap(), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--greedy", "--seed", seed])
+            .ok()
+            .stdout()
+    };
+    assert_eq!(greedy("1"), greedy("2"), "greedy decoding ignores the seed");
+    assert!(greedy("1").starts_with("ROMEO:"));
+    let sample = |seed: &str| {
+        run(&["generate", "--run", out.to_str().unwrap(), "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--seed", seed])
+            .ok()
+            .stdout()
+    };
+    assert_eq!(sample("3"), sample("3"), "sampling is reproducible from the seed");
+    assert_ne!(sample("3"), sample("4"));
+
+    let tok = tmp.path().join("tok.json");
+    let r = run(&["tokenizer", "train", "--input", "data/shakespeare_excerpt.txt", "--vocab-size", "400", "--output", tok.to_str().unwrap()])
+        .ok();
+    assert!(r.stdout().contains("400 tokens"), "{}", r.stdout());
+    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--set", &format!("data.tokenizer={}", tok.display())]).fails();
+    assert!(r.stderr().contains("already holds checkpoints"), "{}", r.stderr());
+}
+
+#[test]
+fn bench_train_reports_json() {
+    let r = run(&[
+        "bench", "train", "--config", "configs/bench.yaml", "--json", "--steps", "1",
+        "--set", "model.n_layers=1", "--set", "model.context_length=32", "--set", "training.batch_size=2",
+    ])
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    for key in ["tokens_per_sec", "matmul_gflops", "mfu"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+}

@@ -1,0 +1,98 @@
+//! Checkpoint and resume: N + resume + N steps equals 2N straight, bit for bit.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let resumed = tmp.path().join("resumed");
+    let cfg_straight = write_config(tmp.path(), "a.yaml", &tiny_text_config(&straight));
+    let cfg_resumed = write_config(tmp.path(), "b.yaml", &tiny_text_config(&resumed));
+
+    run(&["train", "--config", cfg_straight.to_str().unwrap(), "--quiet"]).ok();
+    // Stop at step 3: between checkpoints, so the resumed run must restore mid-schedule
+    // state (LR warm-up is over, dropout RNG and data cursor are mid-epoch).
+    run(&["train", "--config", cfg_resumed.to_str().unwrap(), "--quiet", "--stop-at-step", "3"]).ok();
+    assert_eq!(checkpoint_steps(&resumed), vec![2, 3]);
+    run(&["resume", resumed.to_str().unwrap(), "--quiet"]).ok();
+
+    assert_eq!(checkpoint_steps(&straight), vec![2, 4, 6, 8]);
+    let final_straight = tensors(&straight.join("checkpoints/step-8/model.safetensors"));
+    let final_resumed = tensors(&resumed.join("checkpoints/step-8/model.safetensors"));
+    assert_eq!(final_straight.len(), final_resumed.len());
+    for ((name_a, a), (name_b, b)) in final_straight.iter().zip(&final_resumed) {
+        assert_eq!(name_a, name_b);
+        assert!(a == b, "tensor {name_a} differs after resume");
+    }
+    let losses = logged_losses(&straight);
+    assert_eq!(losses.len(), 8);
+    assert_eq!(losses, logged_losses(&resumed), "logged losses differ after resume");
+    // Something was learned and it was not a constant: the test can fail.
+    assert!(losses.first().unwrap().1 > losses.last().unwrap().1);
+}
+
+#[test]
+fn resume_from_an_earlier_checkpoint_relogs_each_step_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
+    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--stop-at-step", "5"]).ok();
+    // Lose the step-5 checkpoint (as if the machine died before writing it).
+    std::fs::remove_dir_all(out.join("checkpoints/step-5")).unwrap();
+    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--resume"]).ok();
+    let steps: Vec<u64> = logged_losses(&out).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+#[test]
+fn interrupted_checkpoint_write_is_ignored_and_keep_last_prunes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), "d.yaml", &tiny_text_config(&out));
+    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--stop-at-step", "4", "--set", "checkpoint.keep_last=1"])
+        .ok();
+    assert_eq!(checkpoint_steps(&out), vec![4]);
+    // A crash while writing step 6: a half-written temp dir, and a final-looking dir without
+    // its state.json. Neither counts as a checkpoint.
+    let ckpts = out.join("checkpoints");
+    std::fs::create_dir_all(ckpts.join("step-6.tmp")).unwrap();
+    std::fs::write(ckpts.join("step-6.tmp/model.safetensors"), b"partial").unwrap();
+    std::fs::create_dir_all(ckpts.join("step-7")).unwrap();
+    std::fs::write(ckpts.join("step-7/model.safetensors"), b"partial").unwrap();
+    let r = run(&["resume", out.to_str().unwrap(), "--set", "checkpoint.keep_last=1"]).ok();
+    assert!(r.stderr().contains("resuming from step 4"), "{}", r.stderr());
+    assert!(checkpoint_steps(&out).contains(&8));
+    assert!(!out.join("checkpoints/step-4").exists(), "keep_last=1 prunes older checkpoints");
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = write_config(tmp.path(), "e.yaml", &tiny_text_config(&out));
+    let mut child = polyburn()
+        .args(["train", "--config", cfg.to_str().unwrap(), "--set", "training.max_steps=100000"])
+        .args(["--set", "checkpoint.every_steps=100000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (metrics appear), then interrupt.
+    let metrics = out.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 3 {
+        assert!(start.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
+    let steps = checkpoint_steps(&out);
+    assert_eq!(steps.len(), 1, "one checkpoint written on interrupt");
+    assert!(steps[0] >= 3);
+    let logged = logged_losses(&out).last().unwrap().0;
+    assert_eq!(logged, steps[0], "the checkpoint is at the last completed step");
+}
