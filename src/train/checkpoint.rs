@@ -100,6 +100,16 @@ pub fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().with_context(|| format!("fsync {}", path.display()))
 }
 
+/// Replaces `path` atomically: write a sibling temp file, fsync, rename. A crash leaves
+/// either the old or the new content, never a torn file.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write_file_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
 /// Writes `checkpoints/step-<step>/` atomically: `fill` writes the files into a temp dir,
 /// which is fsynced and renamed. Then keeps only the newest `keep_last` (0 = all).
 pub fn write_checkpoint(

@@ -40,9 +40,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
             kept.push('\n');
         }
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    super::checkpoint::write_file_synced(&tmp, kept.as_bytes())?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    super::checkpoint::write_file_atomic(path, kept.as_bytes())
 }
 
 impl RunLogger {

@@ -156,11 +156,7 @@ impl GradientSum {
         let clip = if max_norm > 0.0 && grad_norm > max_norm { max_norm / (grad_norm + 1e-6) } else { 1.0 };
         let scale = mean * clip;
         if scale != 1.0 {
-            grads = {
-                let mut g = grads;
-                for_each_grad(model, &mut g, None, Scale(scale));
-                g
-            };
+            for_each_grad(model, &mut grads, None, Scale(scale));
         }
         StepGradients { grads, grad_norm }
     }

@@ -175,7 +175,7 @@ pub fn train(config: Config, options: &TrainOptions) -> Result<TrainOutcome> {
         let path = ckpt.dir.join(OPTIMIZER_FILE);
         optimizer = optimizer.load(&path).map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
     }
-    checkpoint::write_file_synced(&run_dir.join(CONFIG_FILE), config.to_yaml().as_bytes())?;
+    checkpoint::write_file_atomic(&run_dir.join(CONFIG_FILE), config.to_yaml().as_bytes())?;
 
     let max_steps = config.training.max_steps as u64;
     let logger = Some(RunLogger::open(&run_dir, state.global_step, max_steps, options.quiet)?);
