@@ -134,7 +134,7 @@ struct Loop {
 }
 
 /// Trains (or resumes) the run described by `config` in `config.output_dir()`.
-pub fn train(config: Config, options: &TrainOptions) -> Result<TrainOutcome> {
+pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome> {
     let run_dir = config.output_dir();
     let latest = checkpoint::latest_checkpoint(&run_dir)?;
     if latest.is_some() && !options.resume {
@@ -148,6 +148,10 @@ pub fn train(config: Config, options: &TrainOptions) -> Result<TrainOutcome> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let data = data::prepare(&config, &run_dir)?;
     let gpt = model_config(&config, data.tokenizer.vocab_size())?;
+    // The saved config is fully resolved: what the tokenizer and defaults decided is written out.
+    config.model.vocab_size = Some(gpt.vocab_size);
+    config.model.d_ff = Some(gpt.d_ff);
+    config.run.output_dir = Some(run_dir.clone());
     let device = device_from_name(&config.run.device)?.autodiff();
     let mut model = init_model(&gpt, config.run.seed, &device);
 
@@ -220,6 +224,10 @@ impl Loop {
         let max_steps = t.max_steps as u64;
         let mut interrupted = false;
         while self.state.global_step < max_steps {
+            if stop_at_step.is_some_and(|s| self.state.global_step >= s) {
+                interrupted = true;
+                break;
+            }
             let step = self.state.global_step;
             let started = Instant::now();
             let StepStats { loss, grad_norm, learning_rate: lr, tokens } =
