@@ -145,6 +145,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
             run_dir.display()
         );
     }
+    let device = device_from_name(&config.run.device)?.autodiff();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let data = data::prepare(&config, &run_dir)?;
     let gpt = model_config(&config, data.tokenizer.vocab_size())?;
@@ -152,7 +153,6 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     config.model.vocab_size = Some(gpt.vocab_size);
     config.model.d_ff = Some(gpt.d_ff);
     config.run.output_dir = Some(run_dir.clone());
-    let device = device_from_name(&config.run.device)?.autodiff();
     let mut model = init_model(&gpt, config.run.seed, &device);
 
     let state = match &latest {
