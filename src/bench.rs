@@ -102,7 +102,7 @@ pub fn model_shape_matmul_gflops(gpt: &crate::model::GptConfig, m: usize, device
 pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<TrainBenchReport> {
     const WARMUP_STEPS: usize = 2;
     let vocab = config.model.vocab_size.unwrap_or(8192);
-    let gpt = crate::model::GptConfig::from_model_config(&config.model, vocab);
+    let gpt = crate::model::GptConfig::from_model_config(&config.model, vocab, config.training.max_steps as u64);
     let device = device_from_name(&config.run.device)?;
     let train_device = device.clone().autodiff();
     let model = init_model(&gpt, config.run.seed, &train_device);

@@ -126,6 +126,109 @@ pub struct ModelConfig {
     pub bias: bool,
     /// Share the token embedding with the LM head (as GPT-2 does).
     pub tie_embeddings: bool,
+    /// The FFN's activation: plain GELU MLP or a paGating unit.
+    pub ffn: FfnConfig,
+}
+
+/// The FFN activation unit (`model.ffn.unit`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FfnUnit {
+    /// Plain MLP: `down(gelu(up(x)))`.
+    #[default]
+    Gelu,
+    Paglu,
+    Pagtu,
+    Paswishu,
+    Pareglu,
+    Pagelu,
+    Pamishu,
+    Pasilu,
+}
+
+impl FfnUnit {
+    pub fn is_gated(self) -> bool {
+        self != FfnUnit::Gelu
+    }
+}
+
+/// GELU form used by `gelu` and `pagelu` (`model.ffn.approximate`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GeluApproximation {
+    /// Exact: `x · Φ(x)` with the error function.
+    #[default]
+    None,
+    /// `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))`.
+    Tanh,
+}
+
+/// How a gated unit's α is set (`model.ffn.alpha_mode`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AlphaMode {
+    /// `static_<x>`, 0 ≤ x ≤ 1.
+    Static(f64),
+    /// α = sigmoid(θ) per layer, θ trained.
+    Learnable,
+    /// Half cosine from `alpha_max` down to `alpha_min` over `alpha_steps`.
+    SchedulerCosine,
+    /// Linear ramp from `alpha_min` up to `alpha_max` over `alpha_steps`.
+    SchedulerLinear,
+}
+
+impl AlphaMode {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "learnable" => Ok(AlphaMode::Learnable),
+            "scheduler_cosine" => Ok(AlphaMode::SchedulerCosine),
+            "scheduler_linear" => Ok(AlphaMode::SchedulerLinear),
+            _ => match text.strip_prefix("static_").map(str::parse::<f64>) {
+                Some(Ok(x)) if (0.0..=1.0).contains(&x) => Ok(AlphaMode::Static(x)),
+                Some(Ok(x)) => Err(format!("static α must be in [0, 1], got {x}")),
+                _ => Err(format!(
+                    "unknown mode `{text}`: static_<x> (0 ≤ x ≤ 1), learnable, scheduler_cosine or scheduler_linear"
+                )),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FfnConfig {
+    pub unit: FfnUnit,
+    /// `static_<x>`, `learnable`, `scheduler_cosine` or `scheduler_linear`.
+    pub alpha_mode: String,
+    /// Starting α for `learnable` (default 0.5).
+    pub alpha_init: Option<f64>,
+    pub alpha_min: f64,
+    pub alpha_max: f64,
+    /// Schedule length in optimizer steps; the run's `training.max_steps` when absent.
+    pub alpha_steps: Option<usize>,
+    /// LayerNorm (affine, eps 1e-5) over g(B(h)) before the α mix.
+    pub gate_norm: bool,
+    pub approximate: GeluApproximation,
+}
+
+impl Default for FfnConfig {
+    fn default() -> Self {
+        Self {
+            unit: FfnUnit::Gelu,
+            alpha_mode: "static_1.0".into(),
+            alpha_init: None,
+            alpha_min: 0.0,
+            alpha_max: 1.0,
+            alpha_steps: None,
+            gate_norm: false,
+            approximate: GeluApproximation::None,
+        }
+    }
+}
+
+impl FfnConfig {
+    pub fn alpha(&self) -> AlphaMode {
+        AlphaMode::parse(&self.alpha_mode).expect("validated")
+    }
 }
 
 impl Default for ModelConfig {
@@ -140,6 +243,7 @@ impl Default for ModelConfig {
             dropout: 0.0,
             bias: true,
             tie_embeddings: true,
+            ffn: FfnConfig::default(),
         }
     }
 }
@@ -284,6 +388,13 @@ impl Config {
         check(m.d_ff != Some(0), "model.d_ff", "must be > 0");
         check(m.context_length > 0, "model.context_length", "must be > 0");
         check((0.0..1.0).contains(&m.dropout), "model.dropout", "must be in [0, 1)");
+        let f = &m.ffn;
+        let alpha_problem = AlphaMode::parse(&f.alpha_mode).err().unwrap_or_default();
+        check(alpha_problem.is_empty(), "model.ffn.alpha_mode", &alpha_problem);
+        check(f.alpha_init.is_none_or(|a| a > 0.0 && a < 1.0), "model.ffn.alpha_init", "must be in (0, 1)");
+        check((0.0..=1.0).contains(&f.alpha_min), "model.ffn.alpha_min", "must be in [0, 1]");
+        check((0.0..=1.0).contains(&f.alpha_max), "model.ffn.alpha_max", "must be in [0, 1]");
+        check(f.alpha_steps != Some(0), "model.ffn.alpha_steps", "must be > 0");
         check(o.learning_rate > 0.0 && o.learning_rate.is_finite(), "optimizer.learning_rate", "must be > 0");
         check(o.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "each must be in [0, 1)");
         check(o.eps > 0.0, "optimizer.eps", "must be > 0");
@@ -394,6 +505,18 @@ mod tests {
         let e = parse("data: {train: x}", &["model.nope=1"]).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
         assert!(parse("data: {train: x}", &["novalue"]).is_err());
+    }
+
+    #[test]
+    fn alpha_modes_parse_and_bad_ones_name_the_field() {
+        assert_eq!(AlphaMode::parse("static_0.25"), Ok(AlphaMode::Static(0.25)));
+        assert_eq!(AlphaMode::parse("learnable"), Ok(AlphaMode::Learnable));
+        for bad in ["static_1.5", "static_x", "cosine"] {
+            let e = parse("data: {train: x}", &[&format!("model.ffn.alpha_mode={bad}")]).unwrap_err();
+            assert_eq!(e.0[0].at, "model.ffn.alpha_mode", "{e}");
+        }
+        let e = parse("data: {train: x}", &["model.ffn.unit=paxyz"]).unwrap_err();
+        assert_eq!(e.0[0].at, "model.ffn.unit", "{e}");
     }
 
     #[test]

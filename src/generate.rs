@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::model::Gpt;
+use crate::model::{ForwardContext, Gpt};
 use crate::rng::SplitMix64;
 
 /// How the next token is chosen.
@@ -80,8 +80,14 @@ pub fn sample_token(logits: &[f32], o: &SamplingOptions, rng: &mut SplitMix64) -
 }
 
 /// Continues `prompt` token by token; returns the new tokens only. The model sees at most
-/// its context length (the oldest tokens slide out).
-pub fn generate(model: &Gpt, prompt: &[u32], o: &SamplingOptions, device: &Device) -> Result<Vec<u32>> {
+/// its context length (the oldest tokens slide out). `context` carries the checkpoint's step.
+pub fn generate(
+    model: &Gpt,
+    prompt: &[u32],
+    o: &SamplingOptions,
+    context: &ForwardContext,
+    device: &Device,
+) -> Result<Vec<u32>> {
     o.validate()?;
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenization");
@@ -93,7 +99,7 @@ pub fn generate(model: &Gpt, prompt: &[u32], o: &SamplingOptions, device: &Devic
         let window = &tokens[tokens.len().saturating_sub(model.context_length())..];
         let ids: Vec<i64> = window.iter().map(|&t| t as i64).collect();
         let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, window.len()]), device);
-        let logits = model.forward(input);
+        let logits = model.forward(input, context);
         let [_, seq, vocab] = logits.dims();
         let last = logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data().convert::<f32>();
         let next = sample_token(last.as_slice::<f32>().expect("f32 logits"), o, &mut rng);

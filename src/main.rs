@@ -238,7 +238,8 @@ fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
         seed: args.seed,
     };
     let prompt = tokenizer.encode(&args.prompt)?;
-    let new = generate(&model, &prompt, &options, &device)?;
+    let context = polyburn::model::ForwardContext::at_step(ckpt.state()?.global_step);
+    let new = generate(&model, &prompt, &options, &context, &device)?;
     println!("{}{}", args.prompt, tokenizer.decode(&new)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -4,20 +4,29 @@ mod common;
 
 use common::*;
 
-#[test]
-fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
+/// Trains 8 steps straight and 3 + resume + 5 with the same extra `--set`s; asserts
+/// bit-identical final weights and identical metrics records (losses, α values).
+fn assert_resume_is_exact(sets: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
     let resumed = tmp.path().join("resumed");
     let cfg_straight = write_config(tmp.path(), "a.yaml", &tiny_text_config(&straight));
     let cfg_resumed = write_config(tmp.path(), "b.yaml", &tiny_text_config(&resumed));
+    let with_sets = |mut args: Vec<String>| {
+        for s in sets {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        args
+    };
+    let args = |v: &[&str]| with_sets(v.iter().map(|s| s.to_string()).collect());
+    let run_args = |a: Vec<String>| run(&a.iter().map(String::as_str).collect::<Vec<_>>()).ok();
 
-    run(&["train", "--config", cfg_straight.to_str().unwrap(), "--quiet"]).ok();
+    run_args(args(&["train", "--config", cfg_straight.to_str().unwrap(), "--quiet"]));
     // Stop at step 3: between checkpoints, so the resumed run must restore mid-schedule
-    // state (LR warm-up is over, dropout RNG and data cursor are mid-epoch).
-    run(&["train", "--config", cfg_resumed.to_str().unwrap(), "--quiet", "--stop-at-step", "3"]).ok();
+    // state (LR and α schedules, dropout RNG and data cursor mid-epoch).
+    run_args(args(&["train", "--config", cfg_resumed.to_str().unwrap(), "--quiet", "--stop-at-step", "3"]));
     assert_eq!(checkpoint_steps(&resumed), vec![2, 3]);
-    run(&["resume", resumed.to_str().unwrap(), "--quiet"]).ok();
+    run_args(args(&["resume", resumed.to_str().unwrap(), "--quiet"]));
 
     assert_eq!(checkpoint_steps(&straight), vec![2, 4, 6, 8]);
     let final_straight = tensors(&straight.join("checkpoints/step-8/model.safetensors"));
@@ -30,8 +39,21 @@ fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
     let losses = logged_losses(&straight);
     assert_eq!(losses.len(), 8);
     assert_eq!(losses, logged_losses(&resumed), "logged losses differ after resume");
+    assert_eq!(logged_alphas(&straight), logged_alphas(&resumed), "α sequence differs after resume");
     // Something was learned and it was not a constant: the test can fail.
     assert!(losses.first().unwrap().1 > losses.last().unwrap().1);
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run_bit_for_bit() {
+    assert_resume_is_exact(&[]);
+}
+
+#[test]
+fn resumed_run_continues_the_alpha_schedule() {
+    assert_resume_is_exact(&["model.ffn.unit=paglu", "model.ffn.alpha_mode=scheduler_cosine", "model.ffn.gate_norm=true"]);
+    // And the learnable mode, whose α lives in the weights and the optimizer state.
+    assert_resume_is_exact(&["model.ffn.unit=pamishu", "model.ffn.alpha_mode=learnable"]);
 }
 
 #[test]
@@ -73,10 +95,11 @@ fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let cfg = write_config(tmp.path(), "e.yaml", &tiny_text_config(&out));
-    let mut child = polyburn()
+    let child = polyburn()
         .args(["train", "--config", cfg.to_str().unwrap(), "--set", "training.max_steps=100000"])
         .args(["--set", "checkpoint.every_steps=100000"])
         .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     // Wait until training is under way (metrics appear), then interrupt.

@@ -1,8 +1,9 @@
 //! Models polyburn trains.
 
+pub mod gating;
 pub mod transformer;
 
-pub use transformer::{Gpt, GptConfig};
+pub use transformer::{ForwardContext, Gpt, GptConfig};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;

@@ -6,11 +6,11 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear,
     LinearConfig,
 };
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 
-use crate::config::ModelConfig;
+use super::gating::{GateSettings, GatedFfn, ffn_cost, gelu_with};
+use crate::config::{FfnConfig, GeluApproximation, ModelConfig};
 
 /// Sizes of a [`Gpt`], resolved from the config (vocabulary known).
 #[derive(Debug, Clone, PartialEq)]
@@ -24,10 +24,13 @@ pub struct GptConfig {
     pub dropout: f64,
     pub bias: bool,
     pub tie_embeddings: bool,
+    pub ffn: FfnConfig,
+    /// Optimizer steps of the run: the default length of an α schedule.
+    pub total_steps: u64,
 }
 
 impl GptConfig {
-    pub fn from_model_config(m: &ModelConfig, vocab_size: usize) -> Self {
+    pub fn from_model_config(m: &ModelConfig, vocab_size: usize, total_steps: u64) -> Self {
         Self {
             vocab_size,
             d_model: m.d_model,
@@ -38,6 +41,35 @@ impl GptConfig {
             dropout: m.dropout,
             bias: m.bias,
             tie_embeddings: m.tie_embeddings,
+            ffn: m.ffn.clone(),
+            total_steps,
+        }
+    }
+
+    /// Parameters and forward FLOPs per token of one block's FFN.
+    pub fn ffn_cost(&self) -> (usize, usize) {
+        ffn_cost(self.ffn.unit, self.d_model, self.d_ff, self.bias, self.ffn.gate_norm)
+    }
+
+    fn feed_forward(&self, device: &Device) -> FeedForward {
+        if self.ffn.unit.is_gated() {
+            let settings = GateSettings::new(&self.ffn, self.total_steps);
+            let linear = |i, o, residual| self.linear(i, o, residual, device);
+            FeedForward::Gated(GatedFfn::new(
+                settings,
+                self.d_model,
+                self.d_ff,
+                self.ffn.gate_norm,
+                self.ffn.alpha_init,
+                linear,
+                device,
+            ))
+        } else {
+            FeedForward::Mlp(Mlp {
+                up: self.linear(self.d_model, self.d_ff, false, device),
+                down: self.linear(self.d_ff, self.d_model, true, device),
+                approximate: self.ffn.approximate,
+            })
         }
     }
 
@@ -66,10 +98,7 @@ impl GptConfig {
                     n_heads: self.n_heads,
                 },
                 ln_ffn: norm(),
-                ffn: Ffn {
-                    up: self.linear(self.d_model, self.d_ff, false, device),
-                    down: self.linear(self.d_ff, self.d_model, true, device),
-                },
+                ffn: self.feed_forward(device),
                 dropout: DropoutConfig::new(self.dropout).init(),
             })
             .collect();
@@ -110,15 +139,36 @@ impl SelfAttention {
     }
 }
 
+/// The plain GPT MLP: `down(gelu(up(x)))`.
 #[derive(Module, Debug)]
-pub struct Ffn {
+pub struct Mlp {
     up: Linear,
     down: Linear,
+    #[module(skip)]
+    approximate: GeluApproximation,
 }
 
-impl Ffn {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down.forward(gelu(self.up.forward(x)))
+/// A block's feed-forward network, chosen by `model.ffn.unit`.
+#[derive(Module, Debug)]
+pub enum FeedForward {
+    Mlp(Mlp),
+    Gated(GatedFfn),
+}
+
+impl FeedForward {
+    fn forward(&self, x: Tensor<3>, global_step: u64) -> Tensor<3> {
+        match self {
+            FeedForward::Mlp(m) => m.down.forward(gelu_with(m.up.forward(x), m.approximate)),
+            FeedForward::Gated(g) => g.forward(x, global_step),
+        }
+    }
+
+    fn matmul_params(&self) -> usize {
+        let linear = |l: &Linear| l.weight.val().dims().iter().product::<usize>();
+        match self {
+            FeedForward::Mlp(m) => linear(&m.up) + linear(&m.down),
+            FeedForward::Gated(g) => g.matmul_params(),
+        }
     }
 }
 
@@ -127,14 +177,30 @@ pub struct Block {
     ln_attn: LayerNorm,
     attn: SelfAttention,
     ln_ffn: LayerNorm,
-    ffn: Ffn,
+    ffn: FeedForward,
     dropout: Dropout,
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<3>, attention_impl: AttentionImpl) -> Tensor<3> {
-        let x = x.clone() + self.dropout.forward(self.attn.forward(self.ln_attn.forward(x), attention_impl));
-        x.clone() + self.dropout.forward(self.ffn.forward(self.ln_ffn.forward(x)))
+    fn forward(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
+        let attn = self.attn.forward(self.ln_attn.forward(x.clone()), context.attention);
+        let x = x + self.dropout.forward(attn);
+        let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone()), context.global_step);
+        x + self.dropout.forward(ffn)
+    }
+}
+
+/// What a forward pass needs besides the tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ForwardContext {
+    /// The trainer's global step: scheduled α values are read from it.
+    pub global_step: u64,
+    pub attention: AttentionImpl,
+}
+
+impl ForwardContext {
+    pub fn at_step(global_step: u64) -> Self {
+        Self { global_step, attention: AttentionImpl::default() }
     }
 }
 
@@ -156,11 +222,7 @@ impl Gpt {
     }
 
     /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.
-    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_with(tokens, AttentionImpl::default())
-    }
-
-    pub fn forward_with(&self, tokens: Tensor<2, Int>, attention_impl: AttentionImpl) -> Tensor<3> {
+    pub fn forward(&self, tokens: Tensor<2, Int>, context: &ForwardContext) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         assert!(
             seq <= self.context_length,
@@ -171,7 +233,7 @@ impl Gpt {
         let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]).expand([batch, seq]);
         let mut x = self.dropout.forward(self.token_embedding.forward(tokens) + self.position_embedding.forward(positions));
         for block in &self.blocks {
-            x = block.forward(x, attention_impl);
+            x = block.forward(x, context);
         }
         let x = self.ln_final.forward(x);
         match &self.lm_head {
@@ -192,12 +254,25 @@ impl Gpt {
         let per_block: usize = self
             .blocks
             .iter()
-            .map(|b| linear(&b.attn.qkv) + linear(&b.attn.out) + linear(&b.ffn.up) + linear(&b.ffn.down))
+            .map(|b| linear(&b.attn.qkv) + linear(&b.attn.out) + b.ffn.matmul_params())
             .sum();
         let head = match &self.lm_head {
             Some(h) => linear(h),
             None => self.token_embedding.weight.val().dims().iter().product(),
         };
         per_block + head
+    }
+}
+
+impl Gpt {
+    /// Each layer's effective α at `global_step` (empty for the plain MLP).
+    pub fn alphas(&self, global_step: u64) -> Vec<f64> {
+        self.blocks
+            .iter()
+            .filter_map(|b| match &b.ffn {
+                FeedForward::Gated(g) => Some(g.alpha(global_step)),
+                FeedForward::Mlp(_) => None,
+            })
+            .collect()
     }
 }

@@ -41,6 +41,9 @@ pub struct TrainerState {
     pub last_eval_loss: Option<f64>,
     pub best_eval_loss: Option<f64>,
     pub best_eval_step: Option<u64>,
+    /// Wall-clock seconds spent in optimizer steps, summed over every resume.
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// A complete checkpoint on disk.

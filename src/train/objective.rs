@@ -5,7 +5,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::data::Batch;
-use crate::model::Gpt;
+use crate::model::{ForwardContext, Gpt};
 
 /// Batch buffers as tensors on `device`.
 pub struct BatchTensors {
@@ -36,9 +36,9 @@ pub fn masked_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Te
     (picked * mask).sum().neg().div_scalar(count.max(1) as f64)
 }
 
-/// The `sft` loss of `model` on one batch.
-pub fn sft_loss(model: &Gpt, batch: &BatchTensors) -> Tensor<1> {
-    let logits = model.forward(batch.inputs.clone());
+/// The `sft` loss of `model` on one batch at the trainer's `global_step`.
+pub fn sft_loss(model: &Gpt, batch: &BatchTensors, global_step: u64) -> Tensor<1> {
+    let logits = model.forward(batch.inputs.clone(), &ForwardContext::at_step(global_step));
     masked_cross_entropy(logits, batch.targets.clone(), batch.loss_mask.clone(), batch.loss_tokens)
 }
 

@@ -51,7 +51,7 @@ pub fn model_config(config: &Config, tokenizer_vocab: usize) -> Result<GptConfig
         Some(v) => v,
         None => tokenizer_vocab,
     };
-    Ok(GptConfig::from_model_config(&config.model, vocab))
+    Ok(GptConfig::from_model_config(&config.model, vocab, config.training.max_steps as u64))
 }
 
 /// A fresh model for `config`, initialised from the run seed on `device`.
@@ -102,7 +102,7 @@ impl Learner {
             let batch = source.batch(first_sample + (micro * t.batch_size) as u64, t.batch_size);
             tokens += batch.batch_size * batch.seq_len;
             let batch = BatchTensors::new(&batch, &self.device);
-            let loss = sft_loss(&self.model, &batch);
+            let loss = sft_loss(&self.model, &batch, step);
             let value = loss.clone().into_scalar::<f32>() as f64;
             if !value.is_finite() {
                 bail!("non-finite loss ({value}) at step {}", step + 1);
@@ -169,6 +169,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
             last_eval_loss: None,
             best_eval_loss: None,
             best_eval_step: None,
+            train_seconds: 0.0,
         },
     };
     if state.seed != config.run.seed {
@@ -217,6 +218,15 @@ impl Loop {
             },
         );
         self.logger().message(&text);
+        let (ffn_params, ffn_flops) = gpt.ffn_cost();
+        let (mlp_params, _) =
+            crate::model::gating::ffn_cost(crate::config::FfnUnit::Gelu, gpt.d_model, gpt.d_ff, gpt.bias, false);
+        let ffn = format!(
+            "FFN `{}`: {ffn_params} params and {ffn_flops} forward FLOPs per token per layer ({:+} params per layer vs the plain GELU MLP)",
+            serde_yaml::to_string(&gpt.ffn.unit).unwrap_or_default().trim(),
+            ffn_params as i64 - mlp_params as i64,
+        );
+        self.logger().message(&ffn);
     }
 
     fn run(mut self, stop_at_step: Option<u64>) -> Result<TrainOutcome> {
@@ -239,6 +249,7 @@ impl Loop {
                     ))
                 })?;
             let step_secs = started.elapsed().as_secs_f64();
+            self.state.train_seconds += step_secs;
             self.state.global_step += 1;
             self.state.learning_rate = lr;
             self.state.last_train_loss = Some(loss);
@@ -253,10 +264,20 @@ impl Loop {
                 logger.scalar("train/grad_norm", grad_norm, done);
                 logger.scalar("perf/tokens_per_sec", tokens_per_sec, done);
                 logger.scalar("perf/step_ms", step_secs * 1e3, done);
-                logger.record(json!({
+                let mut record = json!({
                     "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_sec": tokens_per_sec, "step_ms": step_secs * 1e3,
-                }))?;
+                });
+                // α in effect for the next step, i.e. after `done` steps.
+                let alphas = self.learner.model.alphas(done);
+                let logger = self.logger.as_mut().expect("logger");
+                for (i, a) in alphas.iter().enumerate() {
+                    logger.scalar(&format!("alpha/layer_{i}"), *a, done);
+                }
+                if !alphas.is_empty() {
+                    record["alpha"] = json!(alphas);
+                }
+                logger.record(record)?;
                 logger.progress(done, max_steps, &format!("loss {loss:.4}  {tokens_per_sec:.0} tok/s"));
             } else {
                 self.logger().tick(done);
@@ -292,7 +313,7 @@ impl Loop {
 
     fn evaluate(&mut self) -> Result<()> {
         let l = &self.learner;
-        let loss = evaluate(&l.model, &mut self.data.validation, &l.config, &l.device)?;
+        let loss = evaluate(&l.model, &mut self.data.validation, &l.config, &l.device, self.state.global_step)?;
         let step = self.state.global_step;
         self.state.last_eval_loss = Some(loss);
         if self.state.best_eval_loss.is_none_or(|b| loss < b) {
@@ -326,14 +347,20 @@ impl Loop {
 }
 
 /// Mean `sft` loss over the first `eval_batches` batches of `source`, without autodiff.
-pub fn evaluate(model: &Gpt, source: &mut SampleSource, config: &Config, device: &Device) -> Result<f64> {
+pub fn evaluate(
+    model: &Gpt,
+    source: &mut SampleSource,
+    config: &Config,
+    device: &Device,
+    global_step: u64,
+) -> Result<f64> {
     let model = model.valid();
     let device = device.clone().inner();
     let t = &config.training;
     let mut total = 0.0;
     for i in 0..t.eval_batches {
         let batch = source.batch((i * t.batch_size) as u64, t.batch_size);
-        total += sft_loss(&model, &BatchTensors::new(&batch, &device)).into_scalar::<f32>() as f64;
+        total += sft_loss(&model, &BatchTensors::new(&batch, &device), global_step).into_scalar::<f32>() as f64;
     }
     Ok(total / t.eval_batches as f64)
 }

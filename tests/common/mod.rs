@@ -92,3 +92,16 @@ pub fn checkpoint_steps(run_dir: &Path) -> Vec<u64> {
     steps.sort();
     steps
 }
+
+/// The `alpha` arrays of a run's metrics.jsonl, by step.
+pub fn logged_alphas(run_dir: &Path) -> Vec<(u64, Vec<f64>)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let alphas = v.get("alpha")?.as_array()?.iter().map(|a| a.as_f64().unwrap()).collect();
+            Some((v["step"].as_u64()?, alphas))
+        })
+        .collect()
+}

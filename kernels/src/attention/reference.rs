@@ -62,7 +62,7 @@ mod tests {
             let d = 3;
             let rand = |t| Tensor::<4>::random([1, 1, t, d], Distribution::Normal(0.0, 1.0), &device);
             let (q, k, v) = (rand(tq), rand(tk), rand(tk));
-            let vec = |t: &Tensor<4>| t.to_data().to_vec::<f32>().unwrap();
+            let vec = |t: &Tensor<4>| t.to_data().try_to_vec::<f32>().unwrap();
             let expected = naive(&vec(&q), &vec(&k), &vec(&v), tq, tk, d, causal);
             let got = attention_reference(q, k, v, AttentionOptions { causal, mask: None });
             got.into_data().assert_approx_eq::<f32>(&TensorData::new(expected, [1, 1, tq, d]), Default::default());
