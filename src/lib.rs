@@ -8,3 +8,5 @@ pub mod rng;
 pub mod train;
 pub mod bench;
 pub mod generate;
+pub mod plot;
+pub mod sweep;

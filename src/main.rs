@@ -9,6 +9,7 @@ use polyburn::bench::{self, TrainBenchOptions};
 use polyburn::config::Config;
 use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
 use polyburn::generate::{SamplingOptions, generate};
+use polyburn::sweep::{Sweep, run_sweep, write_report};
 use polyburn::train::checkpoint::{self, MODEL_FILE};
 use polyburn::train::trainer::{init_model, model_config, saved_config};
 use polyburn::train::{self, TrainOptions};
@@ -41,6 +42,23 @@ enum Command {
     },
     /// Generate text from a trained run.
     Generate(GenerateArgs),
+    /// Train every combination of a grid of config values (resumable), then report.
+    Sweep {
+        /// The sweep file (base config + grid).
+        sweep: PathBuf,
+        /// Runs trained at the same time (each is its own process).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Where the sweep writes (overrides the sweep file's output_dir).
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+        /// Override a config field in every run (repeatable).
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        overrides: Vec<String>,
+        /// Only (re)write summary.md, summary.csv and eval_loss.png from the runs so far.
+        #[arg(long)]
+        report: bool,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -173,6 +191,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             train_and_report(config, true, &run)
         }
         Command::Generate(args) => generate_command(args),
+        Command::Sweep { sweep, jobs, output_dir, overrides, report } => {
+            let sweep = Sweep::load(&sweep, &overrides, output_dir.as_deref())?;
+            let failed = if report { Vec::new() } else { run_sweep(&sweep, jobs)? };
+            write_report(&sweep)?;
+            println!("report: {}", sweep.output_dir.join("summary.md").display());
+            if train::interrupted() {
+                eprintln!("sweep interrupted; run the same command again to continue");
+                return Ok(ExitCode::from(130));
+            }
+            if !failed.is_empty() {
+                bail!("{} of {} runs failed: {}", failed.len(), sweep.runs.len(), failed.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Tokenizer { command: TokenizerCommand::Train { inputs, kind, vocab_size, output } } => {
             let texts = inputs
                 .iter()
