@@ -206,17 +206,55 @@ pub fn save_weights<M: Module>(module: &M, path: &Path) -> Result<()> {
     write_file_synced(path, &weights_to_safetensors(module)?)
 }
 
-/// Replaces each parameter's value (and id, when recorded) with the stored one.
-struct LoadParams<'a> {
-    source: String,
-    tensors: &'a SafeTensors<'a>,
+/// Tensors read from one or more safetensors files, converted to f32, by name.
+pub struct TensorFile {
+    /// What the tensors came from, for error messages.
+    pub source: String,
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Parameter ids recorded by polyburn checkpoints (empty for other files).
     ids: BTreeMap<String, u64>,
+}
+
+impl TensorFile {
+    /// Reads `paths` (the shards of one model); F32, F16 and BF16 tensors are accepted.
+    pub fn read(paths: &[PathBuf]) -> Result<Self> {
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let mut tensors = HashMap::new();
+        let mut ids = BTreeMap::new();
+        for path in paths {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let at = path.display();
+            let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{at}: {e}"))?;
+            if let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(PARAM_IDS_KEY)) {
+                ids.extend(serde_json::from_str::<BTreeMap<String, u64>>(json).with_context(|| format!("{at}: bad {PARAM_IDS_KEY}"))?);
+            }
+            let file = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{at}: {e}"))?;
+            for (name, view) in file.tensors() {
+                let data = view.data();
+                let values: Vec<f32> = match view.dtype() {
+                    Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                    Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                    Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                    other => bail!("{at}: tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 load"),
+                };
+                tensors.insert(name, (view.shape().to_vec(), values));
+            }
+        }
+        Ok(Self { source, tensors, ids })
+    }
+}
+
+/// Replaces each parameter's value (and id, when recorded) with the stored one.
+struct LoadParams<'a, F> {
+    file: &'a TensorFile,
+    /// Our parameter path → the tensor name in the file.
+    name_of: F,
     path: Vec<String>,
-    loaded: usize,
+    used: Vec<String>,
     error: Option<anyhow::Error>,
 }
 
-impl ModuleMapper for LoadParams<'_> {
+impl<F: Fn(&str) -> String> ModuleMapper for LoadParams<'_, F> {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -227,54 +265,52 @@ impl ModuleMapper for LoadParams<'_> {
         if self.error.is_some() {
             return param;
         }
-        let name = self.path.join(".");
+        let ours = self.path.join(".");
+        let name = (self.name_of)(&ours);
         let expected = param.val().dims().to_vec();
-        let view = match self.tensors.tensor(&name) {
-            Ok(v) => v,
-            Err(_) => {
-                self.error = Some(anyhow!("{}: tensor `{name}` is missing", self.source));
-                return param;
-            }
+        let source = &self.file.source;
+        let Some((shape, values)) = self.file.tensors.get(&name) else {
+            self.error = Some(anyhow!("{source}: tensor `{name}` is missing"));
+            return param;
         };
-        if view.shape() != expected.as_slice() || view.dtype() != Dtype::F32 {
-            self.error = Some(anyhow!(
-                "{}: tensor `{name}` is {:?} {:?}, the model expects F32 {:?}",
-                self.source,
-                view.dtype(),
-                view.shape(),
-                expected
-            ));
+        if *shape != expected {
+            self.error =
+                Some(anyhow!("{source}: tensor `{name}` has shape {shape:?}, the model expects {expected:?}"));
             return param;
         }
-        let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), burn::tensor::DType::F32);
         let device = param.val().device();
-        let id = self.ids.get(&name).map(|&id| ParamId::from(id)).unwrap_or(param.id);
-        self.loaded += 1;
-        param.transform_for_load(Tensor::from_data(data, &device), id)
+        let id = self.file.ids.get(&ours).map(|&id| ParamId::from(id)).unwrap_or(param.id);
+        self.used.push(name);
+        param.transform_for_load(Tensor::from_data(TensorData::new(values.clone(), shape.clone()), &device), id)
     }
 }
 
-/// Loads weights saved by [`save_weights`] into `module`. Every parameter must be present
-/// with its exact shape; extra tensors in the file are an error too (nothing loads half-way).
-pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let source = path.display().to_string();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{source}: {e}"))?;
-    let ids: BTreeMap<String, u64> = match meta.metadata().as_ref().and_then(|m| m.get(PARAM_IDS_KEY)) {
-        Some(json) => serde_json::from_str(json).with_context(|| format!("{source}: bad {PARAM_IDS_KEY}"))?,
-        None => BTreeMap::new(),
-    };
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{source}: {e}"))?;
-    let mut loader = LoadParams { source: source.clone(), tensors: &tensors, ids, path: Vec::new(), loaded: 0, error: None };
+/// Loads every parameter of `module` from `file`, where `name_of` maps a parameter path to
+/// its tensor name. Missing or mis-shaped tensors are errors naming the tensor; so are
+/// tensors the model has no place for, unless `ignorable` accepts them (nothing loads
+/// half-way).
+pub fn load_params<M: Module>(
+    module: M,
+    file: &TensorFile,
+    name_of: impl Fn(&str) -> String,
+    ignorable: impl Fn(&str) -> bool,
+) -> Result<M> {
+    let mut loader = LoadParams { file, name_of, path: Vec::new(), used: Vec::new(), error: None };
     let module = module.map(&mut loader);
     if let Some(e) = loader.error {
         return Err(e);
     }
-    if loader.loaded != tensors.len() {
-        let known: std::collections::HashSet<String> =
-            named_parameters(&module).into_iter().map(|(n, _, _)| n).collect();
-        let extra: Vec<String> = tensors.names().into_iter().filter(|n| !known.contains(*n)).map(str::to_string).collect();
-        bail!("{source}: tensors the model does not have: {}", extra.join(", "));
+    let used: std::collections::HashSet<&String> = loader.used.iter().collect();
+    let mut extra: Vec<&String> = file.tensors.keys().filter(|n| !used.contains(n) && !ignorable(n)).collect();
+    if !extra.is_empty() {
+        extra.sort();
+        let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
+        bail!("{}: tensors the model has no place for: {}", file.source, extra.join(", "));
     }
     Ok(module)
+}
+
+/// Loads weights saved by [`save_weights`] into `module` (parameter ids restored).
+pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
+    load_params(module, &TensorFile::read(&[path.to_path_buf()])?, str::to_string, |_| false)
 }
