@@ -13,6 +13,7 @@ use polyburn::sweep::{Sweep, run_sweep, write_report};
 use polyburn::train::checkpoint::{self, MODEL_FILE};
 use polyburn::train::trainer::{init_model, model_config, saved_config};
 use polyburn::train::{self, TrainOptions};
+use burn::tensor::Device;
 
 #[derive(Parser)]
 #[command(name = "polyburn", version, about = "Train language models from YAML configs on Burn")]
@@ -85,10 +86,17 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["run", "model"])))]
 struct GenerateArgs {
     /// Run directory to load the latest checkpoint and tokenizer from.
     #[arg(long)]
-    run: PathBuf,
+    run: Option<PathBuf>,
+    /// A Hugging Face model folder, or a hub id in the local Hugging Face cache.
+    #[arg(long)]
+    model: Option<String>,
+    /// Print `{"prompt_ids": [...], "ids": [...], "text": ...}` (ids: new tokens only).
+    #[arg(long)]
+    json: bool,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -247,31 +255,50 @@ fn train_and_report(config: Config, resume: bool, run: &RunArgs) -> Result<ExitC
     Ok(if outcome.interrupted && train::interrupted() { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }
 
-fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
-    let config = saved_config(&args.run, &[])?;
-    let tokenizer = TextTokenizer::from_file(&args.run.join(TOKENIZER_FILE))?;
-    let ckpt = match args.step {
-        Some(step) => checkpoint::list_checkpoints(&args.run)?
+/// A trained run's checkpoint: model, tokenizer, stop token and the step it was saved at.
+fn load_run(run: &std::path::Path, step: Option<u64>) -> Result<(polyburn::model::Gpt, TextTokenizer, Option<u32>, u64, Device)> {
+    let config = saved_config(run, &[])?;
+    let tokenizer = TextTokenizer::from_file(&run.join(TOKENIZER_FILE))?;
+    let ckpt = match step {
+        Some(step) => checkpoint::list_checkpoints(run)?
             .into_iter()
             .find(|c| c.step == step)
-            .with_context(|| format!("{} has no checkpoint for step {step}", args.run.display()))?,
-        None => checkpoint::latest_checkpoint(&args.run)?
-            .with_context(|| format!("{} has no checkpoint yet", args.run.display()))?,
+            .with_context(|| format!("{} has no checkpoint for step {step}", run.display()))?,
+        None => checkpoint::latest_checkpoint(run)?.with_context(|| format!("{} has no checkpoint yet", run.display()))?,
     };
     let device = polyburn::device::device_from_name(&config.run.device)?;
     let gpt = model_config(&config, tokenizer.vocab_size())?;
     let model = checkpoint::load_weights(init_model(&gpt, config.run.seed, &device), &ckpt.dir.join(MODEL_FILE))?;
+    let eos = tokenizer.eos_id();
+    Ok((model, tokenizer, eos, ckpt.state()?.global_step, device))
+}
+
+fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
+    let (model, tokenizer, stop_token, global_step, device) = match (&args.run, &args.model) {
+        (Some(run), _) => load_run(run, args.step)?,
+        (None, Some(id)) => {
+            let device = Device::flex();
+            let p = polyburn::model::hf::load_pretrained(id, &device)?;
+            (p.model, p.tokenizer, p.eos_token_id, 0, device)
+        }
+        (None, None) => unreachable!("clap requires --run or --model"),
+    };
     let options = SamplingOptions {
         temperature: if args.greedy { 0.0 } else { args.temperature },
         top_k: args.top_k,
         top_p: args.top_p,
         max_new_tokens: args.max_new_tokens,
-        stop_token: tokenizer.eos_id(),
+        stop_token,
         seed: args.seed,
     };
     let prompt = tokenizer.encode(&args.prompt)?;
-    let context = polyburn::model::ForwardContext::at_step(ckpt.state()?.global_step);
+    let context = polyburn::model::ForwardContext::at_step(global_step);
     let new = generate(&model, &prompt, &options, &context, &device)?;
-    println!("{}{}", args.prompt, tokenizer.decode(&new)?);
+    let text = tokenizer.decode(&new)?;
+    if args.json {
+        println!("{}", serde_json::json!({"prompt_ids": prompt, "ids": new, "text": text}));
+    } else {
+        println!("{}{}", args.prompt, text);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,7 @@
 //! Models polyburn trains.
 
 pub mod gating;
+pub mod hf;
 pub mod transformer;
 
 pub use transformer::{ForwardContext, Gpt, GptConfig};

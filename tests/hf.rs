@@ -1,0 +1,75 @@
+//! Hugging Face import: outputs equal the transformers reference (`../shared/fixtures`).
+
+mod common;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::*;
+use polyburn::model::ForwardContext;
+use polyburn::model::hf::load_pretrained;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    repo_root().join("../shared/fixtures").join(name)
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn gpt2_logits_and_greedy_continuation_match_transformers() {
+    let device = Device::flex();
+    let r = reference("tiny-gpt2");
+    let p = load_pretrained(fixture("tiny-gpt2").to_str().unwrap(), &device).unwrap();
+    let prompt_ids = p.tokenizer.encode(r["prompt"].as_str().unwrap()).unwrap();
+    assert_eq!(prompt_ids, ids(&r["input_ids"]), "tokenizer agrees with transformers");
+
+    let input: Vec<i64> = prompt_ids.iter().map(|&t| t as i64).collect();
+    let n = input.len();
+    let logits = p.model.forward(Tensor::<2, Int>::from_data(TensorData::new(input, [1, n]), &device), &ForwardContext::default());
+    let got = logits.into_data().try_to_vec::<f32>().unwrap();
+    let expected: Vec<f32> = r["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "max |logit difference| {worst}");
+
+    let out = run(&[
+        "generate", "--model", fixture("tiny-gpt2").to_str().unwrap(), "--prompt", r["prompt"].as_str().unwrap(),
+        "--max-new-tokens", "16", "--greedy", "--json",
+    ])
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+    assert_eq!(ids(&v["ids"]), ids(&r["greedy_continuation_ids"]));
+    assert_eq!(ids(&v["prompt_ids"]), ids(&r["input_ids"]));
+    assert!(v["text"].is_string());
+}
+
+#[test]
+fn bad_pretrained_folders_are_errors_naming_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny-gpt2").join(f), dir.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(fixture("tiny-gpt2").join("config.json")).unwrap();
+    let device = Device::flex();
+    let load = |config: &str| {
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        load_pretrained(dir.to_str().unwrap(), &device).err().map(|e| format!("{e:#}"))
+    };
+    let e = load(&config.replace("\"n_inner\": null", "\"n_inner\": 128")).unwrap();
+    assert!(e.contains("transformer.h.0.mlp.c_fc.weight") && e.contains("shape"), "{e}");
+    let e = load(&config.replace("GPT2LMHeadModel", "BertModel")).unwrap();
+    assert!(e.contains("BertModel"), "{e}");
+    let e = load_pretrained("no-such-org/no-such-model", &device).err().unwrap().to_string();
+    assert!(e.contains("no-such-org/no-such-model"), "{e}");
+}
