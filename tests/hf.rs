@@ -19,11 +19,11 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
-#[test]
-fn gpt2_logits_and_greedy_continuation_match_transformers() {
+/// Logits within 1e-4 of transformers' and the same 16-token greedy continuation.
+fn assert_matches_transformers(name: &str) {
     let device = Device::flex();
-    let r = reference("tiny-gpt2");
-    let p = load_pretrained(fixture("tiny-gpt2").to_str().unwrap(), &device).unwrap();
+    let r = reference(name);
+    let p = load_pretrained(fixture(name).to_str().unwrap(), &device).unwrap();
     let prompt_ids = p.tokenizer.encode(r["prompt"].as_str().unwrap()).unwrap();
     assert_eq!(prompt_ids, ids(&r["input_ids"]), "tokenizer agrees with transformers");
 
@@ -39,10 +39,10 @@ fn gpt2_logits_and_greedy_continuation_match_transformers() {
         .collect();
     assert_eq!(got.len(), expected.len());
     let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-    assert!(worst <= 1e-4, "max |logit difference| {worst}");
+    assert!(worst <= 1e-4, "{name}: max |logit difference| {worst}");
 
     let out = run(&[
-        "generate", "--model", fixture("tiny-gpt2").to_str().unwrap(), "--prompt", r["prompt"].as_str().unwrap(),
+        "generate", "--model", fixture(name).to_str().unwrap(), "--prompt", r["prompt"].as_str().unwrap(),
         "--max-new-tokens", "16", "--greedy", "--json",
     ])
     .ok();
@@ -50,6 +50,17 @@ fn gpt2_logits_and_greedy_continuation_match_transformers() {
     assert_eq!(ids(&v["ids"]), ids(&r["greedy_continuation_ids"]));
     assert_eq!(ids(&v["prompt_ids"]), ids(&r["input_ids"]));
     assert!(v["text"].is_string());
+}
+
+#[test]
+fn gpt2_logits_and_greedy_continuation_match_transformers() {
+    assert_matches_transformers("tiny-gpt2");
+}
+
+#[test]
+fn llama_logits_and_greedy_continuation_match_transformers() {
+    // RMSNorm, RoPE, SwiGLU, grouped-query attention (4 query / 2 kv heads), untied head.
+    assert_matches_transformers("tiny-llama");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Hugging Face model folders (`config.json`, `model.safetensors` or a sharded
 //! `model.safetensors.index.json`, `tokenizer.json`): resolve, build the matching polyburn
-//! model and load its weights. Supported: GPT-2 (`GPT2LMHeadModel`).
+//! model and load its weights. Supported: GPT-2 (`GPT2LMHeadModel`) and the Llama family
+//! (`LlamaForCausalLM`, and `Qwen2ForCausalLM`, the same shape with q/k/v biases).
 //!
 //! GPT-2 maps onto polyburn's own GPT one to one: its Conv1D weights are stored `[in, out]`,
 //! which is Burn's `Linear` layout, and its fused `c_attn` packs q, k, v along the output in
@@ -12,8 +13,9 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use super::transformer::{Gpt, GptConfig};
-use crate::config::{FfnConfig, GeluApproximation};
+use super::norm::NormKind;
+use super::transformer::{Architecture, Gpt, GptConfig};
+use crate::config::{FfnConfig, FfnUnit, GeluApproximation};
 use crate::data::TextTokenizer;
 use crate::train::checkpoint::{TensorFile, load_params};
 
@@ -139,13 +141,27 @@ pub fn load_pretrained(id_or_path: &str, device: &Device) -> Result<PretrainedMo
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
     let raw: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
-    let architecture = raw["architectures"][0].as_str().or(raw["model_type"].as_str()).unwrap_or("<none>");
-    if !matches!(architecture, "GPT2LMHeadModel" | "gpt2") {
-        bail!(
-            "{}: architecture `{architecture}` is not supported; polyburn loads GPT2LMHeadModel",
+    let architecture = raw["architectures"][0].as_str().or(raw["model_type"].as_str()).unwrap_or("<none>").to_string();
+    let files = weight_files(&dir)?;
+    let (config, model, eos_token_id) = match architecture.as_str() {
+        "GPT2LMHeadModel" | "gpt2" => load_gpt2(&config_path, raw, &files, device)?,
+        "LlamaForCausalLM" | "llama" | "Qwen2ForCausalLM" | "qwen2" => load_llama(&config_path, raw, &files, device)?,
+        other => bail!(
+            "{}: architecture `{other}` is not supported; polyburn loads GPT2LMHeadModel, LlamaForCausalLM \
+             and Qwen2ForCausalLM",
             config_path.display()
-        );
-    }
+        ),
+    };
+    let tokenizer = TextTokenizer::from_file(&dir.join(crate::data::TOKENIZER_FILE))?;
+    Ok(PretrainedModel { dir, config, model, tokenizer, eos_token_id })
+}
+
+fn load_gpt2(
+    config_path: &Path,
+    raw: serde_json::Value,
+    files: &[PathBuf],
+    device: &Device,
+) -> Result<(GptConfig, Gpt, Option<u32>)> {
     let c: Gpt2Config =
         serde_json::from_value(raw).with_context(|| format!("{}: not a GPT-2 config", config_path.display()))?;
     let approximate = match c.activation_function.as_str() {
@@ -168,8 +184,9 @@ pub fn load_pretrained(id_or_path: &str, device: &Device) -> Result<PretrainedMo
         tie_embeddings: c.tie_word_embeddings,
         ffn: FfnConfig { approximate, ..Default::default() },
         total_steps: 1,
+        arch: Architecture::gpt(c.n_embd, c.n_head, true),
     };
-    let file = TensorFile::read(&weight_files(&dir)?)?;
+    let file = TensorFile::read(files)?;
     let prefix = if file.tensors.contains_key("transformer.wte.weight") { "transformer." } else { "" };
     // Buffers some GPT-2 checkpoints carry (causal masks), and the tied head.
     let ignorable = |name: &str| {
@@ -177,6 +194,155 @@ pub fn load_pretrained(id_or_path: &str, device: &Device) -> Result<PretrainedMo
     };
     let name_of = |ours: &str| if ours == "lm_head.weight" { ours.to_string() } else { gpt2_name(ours, prefix) };
     let model = load_params(config.init(device), &file, name_of, ignorable)?;
-    let tokenizer = TextTokenizer::from_file(&dir.join(crate::data::TOKENIZER_FILE))?;
-    Ok(PretrainedModel { dir, config, model, tokenizer, eos_token_id: c.eos_token_id })
+    Ok((config, model, c.eos_token_id))
+}
+
+#[derive(Debug, Deserialize)]
+struct LlamaConfig {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    #[serde(default = "default_rms_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<serde_json::Value>,
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_silu")]
+    hidden_act: String,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    /// Llama's switch for q/k/v/o biases (Qwen2 has q/k/v biases and no such field).
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: bool,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_silu() -> String {
+    "silu".into()
+}
+
+/// Row-major `[rows, cols]` → `[cols, rows]`: PyTorch `Linear` stores `[out, in]`, Burn `[in, out]`.
+fn transposed(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let (rows, cols) = (shape[0], shape[1]);
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    (vec![cols, rows], out)
+}
+
+fn load_llama(
+    config_path: &Path,
+    raw: serde_json::Value,
+    files: &[PathBuf],
+    device: &Device,
+) -> Result<(GptConfig, Gpt, Option<u32>)> {
+    let is_qwen2 = raw["model_type"].as_str() == Some("qwen2");
+    let at = config_path.display();
+    let c: LlamaConfig = serde_json::from_value(raw).with_context(|| format!("{at}: not a Llama-family config"))?;
+    if c.hidden_act != "silu" {
+        bail!("{at}: hidden_act `{}` is not supported (SwiGLU needs silu)", c.hidden_act);
+    }
+    let rope_type = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref()).and_then(|p| p["rope_type"].as_str().map(str::to_string));
+    if rope_type.as_deref().is_some_and(|t| t != "default") {
+        bail!("{at}: rope_type `{}` is not supported (only default RoPE)", rope_type.unwrap());
+    }
+    let theta = c
+        .rope_theta
+        .or_else(|| c.rope_parameters.as_ref().and_then(|p| p["rope_theta"].as_f64()))
+        .unwrap_or(10000.0);
+    let n_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+    let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
+    let qkv_bias = c.attention_bias.unwrap_or(is_qwen2);
+    let config = GptConfig {
+        vocab_size: c.vocab_size,
+        d_model: c.hidden_size,
+        n_layers: c.num_hidden_layers,
+        n_heads: c.num_attention_heads,
+        d_ff: c.intermediate_size,
+        context_length: c.max_position_embeddings,
+        dropout: 0.0,
+        bias: c.mlp_bias,
+        tie_embeddings: c.tie_word_embeddings,
+        // SwiGLU is the paSiLU unit at α = 1: down(up(x) ⊙ silu(gate(x))).
+        ffn: FfnConfig { unit: FfnUnit::Pasilu, alpha_mode: "static_1.0".into(), ..Default::default() },
+        total_steps: 1,
+        arch: Architecture {
+            norm: NormKind::Rms,
+            norm_eps: c.rms_norm_eps,
+            rope_theta: Some(theta),
+            n_kv_heads,
+            head_dim,
+            qkv_bias,
+            attn_out_bias: c.attention_bias.unwrap_or(false),
+        },
+    };
+
+    // Rename and re-layout the checkpoint into polyburn's parameter names.
+    let hf = TensorFile::read(files)?;
+    let source = hf.source.clone();
+    let mut hf_tensors = hf.tensors;
+    let mut take = |name: &str| hf_tensors.remove(name).with_context(|| format!("{source}: tensor `{name}` is missing"));
+    let mut ours = std::collections::HashMap::new();
+    let put_linear = |ours: &mut std::collections::HashMap<_, _>, to: String, t: (Vec<usize>, Vec<f32>)| {
+        if t.0.len() != 2 {
+            bail!("{source}: tensor for `{to}` has shape {:?}, expected a matrix", t.0);
+        }
+        ours.insert(to, transposed(&t.0, &t.1));
+        Ok(())
+    };
+    ours.insert("token_embedding.weight".to_string(), take("model.embed_tokens.weight")?);
+    ours.insert("ln_final.gamma".to_string(), take("model.norm.weight")?);
+    if !c.tie_word_embeddings {
+        put_linear(&mut ours, "lm_head.weight".into(), take("lm_head.weight")?)?;
+    }
+    for i in 0..c.num_hidden_layers {
+        let hf = |n: &str| format!("model.layers.{i}.{n}");
+        let pb = |n: &str| format!("blocks.{i}.{n}");
+        ours.insert(pb("ln_attn.gamma"), take(&hf("input_layernorm.weight"))?);
+        ours.insert(pb("ln_ffn.gamma"), take(&hf("post_attention_layernorm.weight"))?);
+        // q, k, v projections fused into one [d_model, q + 2·kv] matrix, in that order.
+        let (q, k, v) = (take(&hf("self_attn.q_proj.weight"))?, take(&hf("self_attn.k_proj.weight"))?, take(&hf("self_attn.v_proj.weight"))?);
+        let d_in = q.0[1];
+        let rows: Vec<f32> = [q.1, k.1, v.1].concat();
+        let out_width = q.0[0] + k.0[0] + v.0[0];
+        ours.insert(pb("attn.qkv.weight"), transposed(&[out_width, d_in], &rows));
+        if qkv_bias {
+            let b: Vec<f32> = ["q", "k", "v"]
+                .iter()
+                .map(|p| take(&hf(&format!("self_attn.{p}_proj.bias"))).map(|t| t.1))
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            ours.insert(pb("attn.qkv.bias"), (vec![b.len()], b));
+        }
+        put_linear(&mut ours, pb("attn.out.weight"), take(&hf("self_attn.o_proj.weight"))?)?;
+        if config.arch.attn_out_bias {
+            ours.insert(pb("attn.out.bias"), take(&hf("self_attn.o_proj.bias"))?);
+        }
+        for (theirs, mine) in [("gate_proj", "gate"), ("up_proj", "value"), ("down_proj", "down")] {
+            put_linear(&mut ours, pb(&format!("ffn.Gated.{mine}.weight")), take(&hf(&format!("mlp.{theirs}.weight")))?)?;
+            if c.mlp_bias {
+                ours.insert(pb(&format!("ffn.Gated.{mine}.bias")), take(&hf(&format!("mlp.{theirs}.bias")))?);
+            }
+        }
+    }
+    let leftover: Vec<String> = hf_tensors.into_keys().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+    if !leftover.is_empty() && !(c.tie_word_embeddings && leftover == ["lm_head.weight"]) {
+        bail!("{source}: tensors the model has no place for: {}", leftover.join(", "));
+    }
+    let file = TensorFile::from_tensors(source, ours);
+    let model = load_params(config.init(device), &file, str::to_string, |_| false)?;
+    let eos = c.eos_token_id.as_ref().and_then(|e| e.as_u64().or_else(|| e[0].as_u64())).map(|e| e as u32);
+    Ok((config, model, eos))
 }

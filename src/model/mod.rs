@@ -2,6 +2,7 @@
 
 pub mod gating;
 pub mod hf;
+pub mod norm;
 pub mod transformer;
 
 pub use transformer::{ForwardContext, Gpt, GptConfig};

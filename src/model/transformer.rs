@@ -1,15 +1,14 @@
-//! A GPT-style pre-LayerNorm decoder: token + position embeddings, causal multi-head
-//! attention, FFN, final norm, LM head (optionally tied to the token embedding).
+//! A pre-norm decoder-only transformer: token embeddings (+ learned positions or RoPE),
+//! causal multi-head attention (grouped-query when asked), FFN, final norm, LM head
+//! (optionally tied to the token embedding). GPT-2 and Llama-family models are its two shapes.
 
 use burn::module::Module;
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear,
-    LinearConfig,
-};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 
 use super::gating::{GateSettings, GatedFfn, ffn_cost, gelu_with};
+use super::norm::{Norm, NormKind};
 use crate::config::{FfnConfig, GeluApproximation, ModelConfig};
 
 /// Sizes of a [`Gpt`], resolved from the config (vocabulary known).
@@ -27,6 +26,36 @@ pub struct GptConfig {
     pub ffn: FfnConfig,
     /// Optimizer steps of the run: the default length of an α schedule.
     pub total_steps: u64,
+    pub arch: Architecture,
+}
+
+/// Where decoder families differ (GPT-2 vs Llama/Qwen2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Architecture {
+    pub norm: NormKind,
+    pub norm_eps: f64,
+    /// Rotary position embedding base; `None` means learned absolute positions.
+    pub rope_theta: Option<f64>,
+    /// Key/value heads (fewer than query heads: grouped-query attention).
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub attn_out_bias: bool,
+}
+
+impl Architecture {
+    /// GPT-2: LayerNorm (ε 1e-5), learned positions, one k/v head per query head.
+    pub fn gpt(d_model: usize, n_heads: usize, bias: bool) -> Self {
+        Self {
+            norm: NormKind::Layer,
+            norm_eps: 1e-5,
+            rope_theta: None,
+            n_kv_heads: n_heads,
+            head_dim: d_model / n_heads,
+            qkv_bias: bias,
+            attn_out_bias: bias,
+        }
+    }
 }
 
 impl GptConfig {
@@ -43,6 +72,7 @@ impl GptConfig {
             tie_embeddings: m.tie_embeddings,
             ffn: m.ffn.clone(),
             total_steps,
+            arch: Architecture::gpt(m.d_model, m.n_heads, m.bias),
         }
     }
 
@@ -75,9 +105,13 @@ impl GptConfig {
 
     /// GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/√(2·layers).
     fn linear(&self, d_in: usize, d_out: usize, residual_out: bool, device: &Device) -> Linear {
+        self.linear_with_bias(d_in, d_out, residual_out, self.bias, device)
+    }
+
+    fn linear_with_bias(&self, d_in: usize, d_out: usize, residual_out: bool, bias: bool, device: &Device) -> Linear {
         let std = if residual_out { 0.02 / (2.0 * self.n_layers as f64).sqrt() } else { 0.02 };
         LinearConfig::new(d_in, d_out)
-            .with_bias(self.bias)
+            .with_bias(bias)
             .with_initializer(Initializer::Normal { mean: 0.0, std })
             .init(device)
     }
@@ -88,14 +122,21 @@ impl GptConfig {
                 .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
                 .init(device)
         };
-        let norm = || LayerNormConfig::new(self.d_model).with_bias(self.bias).init(device);
+        let a = self.arch;
+        let norm = || Norm::new(a.norm, self.d_model, self.bias, a.norm_eps, device);
+        let (q_width, kv_width) = (self.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
         let blocks = (0..self.n_layers)
             .map(|_| Block {
                 ln_attn: norm(),
                 attn: SelfAttention {
-                    qkv: self.linear(self.d_model, 3 * self.d_model, false, device),
-                    out: self.linear(self.d_model, self.d_model, true, device),
-                    n_heads: self.n_heads,
+                    qkv: self.linear_with_bias(self.d_model, q_width + 2 * kv_width, false, a.qkv_bias, device),
+                    out: self.linear_with_bias(q_width, self.d_model, true, a.attn_out_bias, device),
+                    shape: HeadShape {
+                        n_heads: self.n_heads,
+                        n_kv_heads: a.n_kv_heads,
+                        head_dim: a.head_dim,
+                        rope_theta: a.rope_theta,
+                    },
                 },
                 ln_ffn: norm(),
                 ffn: self.feed_forward(device),
@@ -104,7 +145,7 @@ impl GptConfig {
             .collect();
         Gpt {
             token_embedding: embedding(self.vocab_size),
-            position_embedding: embedding(self.context_length),
+            position_embedding: a.rope_theta.is_none().then(|| embedding(self.context_length)),
             blocks,
             ln_final: norm(),
             lm_head: (!self.tie_embeddings).then(|| {
@@ -119,23 +160,75 @@ impl GptConfig {
     }
 }
 
+/// Head layout of an attention layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: Option<f64>,
+}
+
+/// Rotary position embedding in the "rotate half" layout Llama uses: dimension `i` of the
+/// first half pairs with `i + head_dim/2`. `x` is `[batch, heads, seq, head_dim]`.
+fn rope(x: Tensor<4>, theta: f64) -> Tensor<4> {
+    let [_, _, seq, head_dim] = x.dims();
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(seq * head_dim);
+    let mut sin = Vec::with_capacity(seq * head_dim);
+    for pos in 0..seq {
+        for i in 0..head_dim {
+            let freq = theta.powf(-((2 * (i % half)) as f64) / head_dim as f64);
+            let angle = pos as f64 * freq;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let device = x.device();
+    let table = |v: Vec<f32>| Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [seq, head_dim]), &device).reshape([1, 1, seq, head_dim]);
+    let (cos, sin) = (table(cos), table(sin));
+    let first = x.clone().narrow(3, 0, half);
+    let second = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![second.neg(), first], 3);
+    x * cos + rotated * sin
+}
+
 #[derive(Module, Debug)]
 pub struct SelfAttention {
     qkv: Linear,
     out: Linear,
-    n_heads: usize,
+    #[module(skip)]
+    shape: HeadShape,
 }
 
 impl SelfAttention {
     fn forward(&self, x: Tensor<3>, attention_impl: AttentionImpl) -> Tensor<3> {
-        let [batch, seq, d_model] = x.dims();
-        let head_dim = d_model / self.n_heads;
-        let heads = |t: Tensor<3>| t.reshape([batch, seq, self.n_heads, head_dim]).swap_dims(1, 2);
-        let mut qkv = self.qkv.forward(x).chunk(3, 2).into_iter();
-        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        let [batch, seq, _] = x.dims();
+        let HeadShape { n_heads, n_kv_heads, head_dim, rope_theta } = self.shape;
+        let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
+        let qkv = self.qkv.forward(x);
+        let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let mut q = heads(qkv.clone().narrow(2, 0, q_width), n_heads);
+        let mut k = heads(qkv.clone().narrow(2, q_width, kv_width), n_kv_heads);
+        let mut v = heads(qkv.narrow(2, q_width + kv_width, kv_width), n_kv_heads);
+        if let Some(theta) = rope_theta {
+            q = rope(q, theta);
+            k = rope(k, theta);
+        }
+        if n_kv_heads != n_heads {
+            // Grouped-query attention: each k/v head serves n_heads / n_kv_heads query heads.
+            let group = n_heads / n_kv_heads;
+            let repeat = |t: Tensor<4>| {
+                t.reshape([batch, n_kv_heads, 1, seq, head_dim])
+                    .expand([batch, n_kv_heads, group, seq, head_dim])
+                    .reshape([batch, n_heads, seq, head_dim])
+            };
+            k = repeat(k);
+            v = repeat(v);
+        }
         let options = AttentionOptions { causal: true, mask: None };
-        let y = attention(heads(q), heads(k), heads(v), options, attention_impl);
-        self.out.forward(y.swap_dims(1, 2).reshape([batch, seq, d_model]))
+        let y = attention(q, k, v, options, attention_impl);
+        self.out.forward(y.swap_dims(1, 2).reshape([batch, seq, q_width]))
     }
 }
 
@@ -174,9 +267,9 @@ impl FeedForward {
 
 #[derive(Module, Debug)]
 pub struct Block {
-    ln_attn: LayerNorm,
+    ln_attn: Norm,
     attn: SelfAttention,
-    ln_ffn: LayerNorm,
+    ln_ffn: Norm,
     ffn: FeedForward,
     dropout: Dropout,
 }
@@ -207,9 +300,10 @@ impl ForwardContext {
 #[derive(Module, Debug)]
 pub struct Gpt {
     token_embedding: Embedding,
-    position_embedding: Embedding,
+    /// Learned absolute positions (GPT-2); `None` with RoPE.
+    position_embedding: Option<Embedding>,
     blocks: Vec<Block>,
-    ln_final: LayerNorm,
+    ln_final: Norm,
     /// `None` when the head is tied to the token embedding.
     lm_head: Option<Linear>,
     dropout: Dropout,
@@ -230,8 +324,12 @@ impl Gpt {
             self.context_length
         );
         let device = tokens.device();
-        let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]).expand([batch, seq]);
-        let mut x = self.dropout.forward(self.token_embedding.forward(tokens) + self.position_embedding.forward(positions));
+        let mut x = self.token_embedding.forward(tokens);
+        if let Some(table) = &self.position_embedding {
+            let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]).expand([batch, seq]);
+            x = x + table.forward(positions);
+        }
+        let mut x = self.dropout.forward(x);
         for block in &self.blocks {
             x = block.forward(x, context);
         }

@@ -216,6 +216,11 @@ pub struct TensorFile {
 }
 
 impl TensorFile {
+    /// Tensors already in polyburn's names and layouts (e.g. converted from another format).
+    pub fn from_tensors(source: String, tensors: HashMap<String, (Vec<usize>, Vec<f32>)>) -> Self {
+        Self { source, tensors, ids: BTreeMap::new() }
+    }
+
     /// Reads `paths` (the shards of one model); F32, F16 and BF16 tensors are accepted.
     pub fn read(paths: &[PathBuf]) -> Result<Self> {
         let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
