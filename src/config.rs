@@ -128,6 +128,9 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// The FFN's activation: plain GELU MLP or a paGating unit.
     pub ffn: FfnConfig,
+    /// Start from a Hugging Face model (folder or hub id in the local HF cache): its
+    /// architecture, weights and tokenizer replace the sizes above and `data.tokenizer`.
+    pub pretrained: Option<String>,
 }
 
 /// The FFN activation unit (`model.ffn.unit`).
@@ -244,6 +247,7 @@ impl Default for ModelConfig {
             bias: true,
             tie_embeddings: true,
             ffn: FfnConfig::default(),
+            pretrained: None,
         }
     }
 }

@@ -11,7 +11,7 @@ use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
 use polyburn::generate::{SamplingOptions, generate};
 use polyburn::sweep::{Sweep, run_sweep, write_report};
 use polyburn::train::checkpoint::{self, MODEL_FILE};
-use polyburn::train::trainer::{init_model, model_config, saved_config};
+use polyburn::train::trainer::{build_model, saved_config};
 use polyburn::train::{self, TrainOptions};
 use burn::tensor::Device;
 
@@ -267,8 +267,8 @@ fn load_run(run: &std::path::Path, step: Option<u64>) -> Result<(polyburn::model
         None => checkpoint::latest_checkpoint(run)?.with_context(|| format!("{} has no checkpoint yet", run.display()))?,
     };
     let device = polyburn::device::device_from_name(&config.run.device)?;
-    let gpt = model_config(&config, tokenizer.vocab_size())?;
-    let model = checkpoint::load_weights(init_model(&gpt, config.run.seed, &device), &ckpt.dir.join(MODEL_FILE))?;
+    let (_, model) = build_model(&config, tokenizer.vocab_size(), &device)?;
+    let model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE))?;
     let eos = tokenizer.eos_id();
     Ok((model, tokenizer, eos, ckpt.state()?.global_step, device))
 }

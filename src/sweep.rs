@@ -316,53 +316,42 @@ pub fn write_report(sweep: &Sweep) -> Result<Vec<RunSummary>> {
     std::fs::create_dir_all(&sweep.output_dir)?;
     let alphas = |r: &RunSummary| r.final_alpha.iter().map(|a| format!("{a:.3}")).collect::<Vec<_>>().join(" ");
 
-    let mut csv = format!(
-        "run,{},steps,final_train_loss,final_eval_loss,best_eval_loss,best_eval_step,tokens_per_sec,wall_seconds,final_alpha\n",
-        sweep.axes.join(",")
-    );
-    for r in &rows {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}\n",
-            r.name,
-            r.values.join(","),
-            r.steps,
-            opt(r.final_train_loss, 6),
-            opt(r.final_eval_loss, 6),
-            opt(r.best_eval_loss, 6),
+    // One list of cells per run, shared by the CSV (full precision) and the markdown table.
+    let cells = |r: &RunSummary, digits: usize| {
+        let mut c = vec![r.name.clone()];
+        c.extend(r.values.iter().cloned());
+        c.extend([
+            r.steps.to_string(),
+            opt(r.final_train_loss, digits),
+            opt(r.final_eval_loss, digits),
+            opt(r.best_eval_loss, digits),
             r.best_eval_step.map_or("-".into(), |s| s.to_string()),
             opt(r.tokens_per_sec, 1),
             opt(r.wall_seconds, 1),
             alphas(r),
-        ));
+        ]);
+        c
+    };
+    let columns = ["steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "best_eval_step", "tokens_per_sec", "wall_seconds", "final_alpha"];
+    let header: Vec<String> =
+        std::iter::once("run".to_string()).chain(sweep.axes.iter().cloned()).chain(columns.iter().map(|c| c.to_string())).collect();
+
+    let mut csv = header.join(",") + "\n";
+    for r in &rows {
+        csv.push_str(&(cells(r, 6).join(",") + "\n"));
     }
     checkpoint::write_file_atomic(&sweep.output_dir.join("summary.csv"), csv.as_bytes())?;
 
     let mut md = format!(
-        "# Sweep `{}`\n\nBase config: `{}`. Sorted by best eval loss (lower is better). `final α` lists each layer's α at the end (gated FFNs only).\n\n",
+        "# Sweep `{}`\n\nBase config: `{}`. Sorted by best eval loss (lower is better). `final_alpha` lists each layer's α at the end (gated FFNs only).\n\n",
         sweep.output_dir.display(),
         sweep.base.display()
     );
-    md.push_str(&format!(
-        "| run | {} | steps | final train loss | final eval loss | best eval loss (step) | tokens/s | wall s | final α |\n",
-        sweep.axes.join(" | ")
-    ));
-    md.push_str(&format!("|{}\n", "---|".repeat(sweep.axes.len() + 8)));
+    md.push_str(&format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(header.len())));
     let mut sorted: Vec<&RunSummary> = rows.iter().collect();
     sorted.sort_by(|a, b| a.best_eval_loss.unwrap_or(f64::INFINITY).total_cmp(&b.best_eval_loss.unwrap_or(f64::INFINITY)));
     for r in sorted {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |\n",
-            r.name,
-            r.values.join(" | "),
-            r.steps,
-            opt(r.final_train_loss, 4),
-            opt(r.final_eval_loss, 4),
-            opt(r.best_eval_loss, 4),
-            r.best_eval_step.map_or("-".into(), |s| s.to_string()),
-            opt(r.tokens_per_sec, 0),
-            opt(r.wall_seconds, 1),
-            alphas(r),
-        ));
+        md.push_str(&format!("| {} |\n", cells(r, 4).join(" | ")));
     }
     md.push_str("\nEval-loss curves: `eval_loss.png`. Per-run logs: `<run>/metrics.jsonl`, `<run>/tb/`, `<run>/train.log`.\n");
     checkpoint::write_file_atomic(&sweep.output_dir.join("summary.md"), md.as_bytes())?;

@@ -84,3 +84,22 @@ fn bad_pretrained_folders_are_errors_naming_the_problem() {
     let e = load_pretrained("no-such-org/no-such-model", &device).err().unwrap().to_string();
     assert!(e.contains("no-such-org/no-such-model"), "{e}");
 }
+
+#[test]
+fn fine_tuned_runs_keep_the_pretrained_architecture_and_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ft");
+    let cfg = write_config(tmp.path(), "ft.yaml", &tiny_text_config(&out));
+    let gpt2 = fixture("tiny-gpt2");
+    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &format!("model.pretrained={}", gpt2.display())]).ok();
+    let saved = std::fs::read_to_string(out.join("config.yaml")).unwrap();
+    assert!(saved.contains("d_model: 64") && saved.contains("vocab_size: 384"), "{saved}");
+    let losses = logged_losses(&out);
+    // Starting from trained-looking weights on unrelated text, the loss moves but stays finite.
+    assert!(losses.iter().all(|(_, l)| l.is_finite()));
+    let r = run(&["generate", "--run", out.to_str().unwrap(), "--prompt", "The quick", "--greedy", "--max-new-tokens", "4", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    assert_eq!(ids(&v["prompt_ids"]), load_pretrained(gpt2.to_str().unwrap(), &Device::flex()).unwrap().tokenizer.encode("The quick").unwrap());
+    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--set", "model.pretrained=/nonexistent/model", "--set", &format!("run.output_dir={}", tmp.path().join("x").display())]).fails();
+    assert!(r.stderr().contains("model.pretrained") && r.stderr().contains("/nonexistent/model"), "{}", r.stderr());
+}

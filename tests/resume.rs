@@ -57,6 +57,12 @@ fn resumed_run_continues_the_alpha_schedule() {
 }
 
 #[test]
+fn fine_tuning_a_pretrained_llama_resumes_exactly() {
+    let llama = repo_root().join("../shared/fixtures/tiny-llama");
+    assert_resume_is_exact(&[&format!("model.pretrained={}", llama.display())]);
+}
+
+#[test]
 fn resume_from_an_earlier_checkpoint_relogs_each_step_once() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");

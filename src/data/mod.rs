@@ -77,8 +77,13 @@ pub struct PreparedData {
     pub skipped_lines: usize,
 }
 
-/// The tokenizer a config asks for: `char`, `bpe` or a `tokenizer.json` path.
+/// The tokenizer a config asks for: the pretrained model's, else `char`, `bpe` or a
+/// `tokenizer.json` path.
 pub fn build_tokenizer(config: &Config, texts: &[&str]) -> Result<TextTokenizer> {
+    if let Some(id) = &config.model.pretrained {
+        let dir = crate::model::hf::resolve(id).context("model.pretrained")?;
+        return TextTokenizer::from_file(&dir.join(TOKENIZER_FILE));
+    }
     match config.data.tokenizer.as_str() {
         "char" => TextTokenizer::build_char_level(texts.iter().copied()),
         "bpe" => TextTokenizer::train_byte_bpe(texts.iter().copied(), config.model.vocab_size.unwrap_or(1024)),

@@ -54,6 +54,31 @@ pub fn model_config(config: &Config, tokenizer_vocab: usize) -> Result<GptConfig
     Ok(GptConfig::from_model_config(&config.model, vocab, config.training.max_steps as u64))
 }
 
+/// The model a run starts from: the `model.pretrained` checkpoint, or a fresh one sized by
+/// the config and initialised from the run seed.
+pub fn build_model(config: &Config, tokenizer_vocab: usize, device: &Device) -> Result<(GptConfig, Gpt)> {
+    let Some(id) = &config.model.pretrained else {
+        let gpt = model_config(config, tokenizer_vocab)?;
+        let model = init_model(&gpt, config.run.seed, device);
+        return Ok((gpt, model));
+    };
+    let p = crate::model::hf::load_pretrained(id, device).context("model.pretrained")?;
+    if config.model.context_length > p.config.context_length {
+        bail!(
+            "model.context_length: {} exceeds the pretrained model's {} positions",
+            config.model.context_length,
+            p.config.context_length
+        );
+    }
+    if tokenizer_vocab > p.config.vocab_size {
+        bail!("data.tokenizer: {tokenizer_vocab} tokens do not fit the pretrained model's {} embeddings", p.config.vocab_size);
+    }
+    let mut gpt = p.config;
+    gpt.dropout = config.model.dropout;
+    gpt.total_steps = config.training.max_steps as u64;
+    Ok((gpt, p.model))
+}
+
 /// A fresh model for `config`, initialised from the run seed on `device`.
 pub fn init_model(gpt: &GptConfig, seed: u64, device: &Device) -> Gpt {
     device.seed(derive_seed(seed, Stream::Init, 0));
@@ -148,12 +173,15 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     let device = device_from_name(&config.run.device)?.autodiff();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let data = data::prepare(&config, &run_dir)?;
-    let gpt = model_config(&config, data.tokenizer.vocab_size())?;
-    // The saved config is fully resolved: what the tokenizer and defaults decided is written out.
+    let (gpt, mut model) = build_model(&config, data.tokenizer.vocab_size(), &device)?;
+    // The saved config is fully resolved: what the tokenizer, defaults (and a pretrained
+    // model) decided is written out.
     config.model.vocab_size = Some(gpt.vocab_size);
     config.model.d_ff = Some(gpt.d_ff);
+    config.model.d_model = gpt.d_model;
+    config.model.n_layers = gpt.n_layers;
+    config.model.n_heads = gpt.n_heads;
     config.run.output_dir = Some(run_dir.clone());
-    let mut model = init_model(&gpt, config.run.seed, &device);
 
     let state = match &latest {
         Some(ckpt) => {
