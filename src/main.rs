@@ -10,8 +10,8 @@ use polyburn::config::Config;
 use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
 use polyburn::generate::{SamplingOptions, generate};
 use polyburn::sweep::{Sweep, run_sweep, write_report};
-use polyburn::train::checkpoint::{self, MODEL_FILE};
-use polyburn::train::trainer::{build_model, saved_config};
+use polyburn::train::checkpoint;
+use polyburn::train::trainer::{load_checkpointed_model, saved_config};
 use polyburn::train::{self, TrainOptions};
 use burn::tensor::Device;
 
@@ -59,6 +59,17 @@ enum Command {
         /// Only (re)write summary.md, summary.csv and eval_loss.png from the runs so far.
         #[arg(long)]
         report: bool,
+    },
+    /// Write a run's checkpoint as a Hugging Face model folder (GPT-2 or Llama/Qwen2 shape).
+    Export {
+        #[arg(long)]
+        run: PathBuf,
+        /// The folder to write (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Export this checkpoint step instead of the latest.
+        #[arg(long)]
+        step: Option<u64>,
     },
     /// Tokenizer tools.
     Tokenizer {
@@ -199,6 +210,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             train_and_report(config, true, &run)
         }
         Command::Generate(args) => generate_command(args),
+        Command::Export { run, out, step } => {
+            let r = load_checkpointed_model(&run, step)?;
+            let eos = r.tokenizer.eos_id();
+            polyburn::model::hf::export_pretrained(&r.model, &r.model_config, &run.join(TOKENIZER_FILE), eos, &out)?;
+            println!("wrote {} (step {})", out.display(), r.checkpoint.step);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sweep { sweep, jobs, output_dir, overrides, report } => {
             let sweep = Sweep::load(&sweep, &overrides, output_dir.as_deref())?;
             let failed = if report { Vec::new() } else { run_sweep(&sweep, jobs)? };
@@ -255,27 +273,13 @@ fn train_and_report(config: Config, resume: bool, run: &RunArgs) -> Result<ExitC
     Ok(if outcome.interrupted && train::interrupted() { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }
 
-/// A trained run's checkpoint: model, tokenizer, stop token and the step it was saved at.
-fn load_run(run: &std::path::Path, step: Option<u64>) -> Result<(polyburn::model::Gpt, TextTokenizer, Option<u32>, u64, Device)> {
-    let config = saved_config(run, &[])?;
-    let tokenizer = TextTokenizer::from_file(&run.join(TOKENIZER_FILE))?;
-    let ckpt = match step {
-        Some(step) => checkpoint::list_checkpoints(run)?
-            .into_iter()
-            .find(|c| c.step == step)
-            .with_context(|| format!("{} has no checkpoint for step {step}", run.display()))?,
-        None => checkpoint::latest_checkpoint(run)?.with_context(|| format!("{} has no checkpoint yet", run.display()))?,
-    };
-    let device = polyburn::device::device_from_name(&config.run.device)?;
-    let (_, model) = build_model(&config, tokenizer.vocab_size(), &device)?;
-    let model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE))?;
-    let eos = tokenizer.eos_id();
-    Ok((model, tokenizer, eos, ckpt.state()?.global_step, device))
-}
-
 fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
     let (model, tokenizer, stop_token, global_step, device) = match (&args.run, &args.model) {
-        (Some(run), _) => load_run(run, args.step)?,
+        (Some(run), _) => {
+            let r = load_checkpointed_model(run, args.step)?;
+            let eos = r.tokenizer.eos_id();
+            (r.model, r.tokenizer, eos, r.checkpoint.state()?.global_step, r.device)
+        }
         (None, Some(id)) => {
             let device = Device::flex();
             let p = polyburn::model::hf::load_pretrained(id, &device)?;

@@ -346,3 +346,136 @@ fn load_llama(
     let eos = c.eos_token_id.as_ref().and_then(|e| e.as_u64().or_else(|| e[0].as_u64())).map(|e| e as u32);
     Ok((config, model, eos))
 }
+
+/// Writes `model` as a Hugging Face model folder (`config.json`, `model.safetensors` with HF
+/// names and layouts, `tokenizer.json` copied from `tokenizer_file`): GPT-2 for polyburn's
+/// own GPT shape, Llama (or Qwen2, with q/k/v biases) for the Llama shape.
+pub fn export_pretrained(model: &Gpt, config: &GptConfig, tokenizer_file: &Path, eos: Option<u32>, out: &Path) -> Result<()> {
+    let (hf_config, tensors) = match (config.arch.norm, config.arch.rope_theta) {
+        (NormKind::Layer, None) => gpt2_export(model, config, eos)?,
+        (NormKind::Rms, Some(theta)) => llama_export(model, config, theta, eos)?,
+        _ => bail!("this model mixes GPT-2 and Llama features; it has no Hugging Face architecture to export to"),
+    };
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let encoded: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, shape.to_vec(), bytes)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("serialising: {e}"))?;
+    crate::train::checkpoint::write_file_atomic(&out.join("model.safetensors"), &bytes)?;
+    crate::train::checkpoint::write_file_atomic(&out.join("config.json"), serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
+    let tokenizer = std::fs::read(tokenizer_file).with_context(|| format!("reading {}", tokenizer_file.display()))?;
+    crate::train::checkpoint::write_file_atomic(&out.join(crate::data::TOKENIZER_FILE), &tokenizer)
+}
+
+type NamedTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+fn our_tensors(model: &Gpt) -> Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    crate::train::checkpoint::named_parameters(model)
+        .into_iter()
+        .map(|(name, _, data)| {
+            let shape = data.shape().to_vec();
+            let values = data.try_into_vec::<f32>().map_err(|e| anyhow::anyhow!("tensor {name}: {e:?}"))?;
+            Ok((name, (shape, values)))
+        })
+        .collect()
+}
+
+fn gpt2_export(model: &Gpt, c: &GptConfig, eos: Option<u32>) -> Result<(serde_json::Value, NamedTensors)> {
+    if c.ffn.unit.is_gated() {
+        bail!("model.ffn.unit `{:?}`: paGating FFNs have no Hugging Face equivalent; only the plain GELU MLP exports as GPT-2", c.ffn.unit);
+    }
+    if !c.bias {
+        bail!("model.bias: false has no GPT-2 equivalent (GPT-2 layers always have biases)");
+    }
+    let mut tensors = NamedTensors::new();
+    for (ours, (shape, values)) in our_tensors(model)? {
+        if ours == "lm_head.weight" {
+            let (shape, values) = transposed(&shape, &values);
+            tensors.insert(ours, (shape, values));
+        } else {
+            tensors.insert(gpt2_name(&ours, "transformer."), (shape, values));
+        }
+    }
+    let activation = match c.ffn.approximate {
+        GeluApproximation::Tanh => "gelu_new",
+        GeluApproximation::None => "gelu",
+    };
+    let config = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "n_embd": c.d_model, "n_head": c.n_heads, "n_layer": c.n_layers, "n_positions": c.context_length,
+        "n_inner": c.d_ff, "vocab_size": c.vocab_size, "activation_function": activation,
+        "layer_norm_epsilon": 1e-5, "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
+    });
+    Ok((config, tensors))
+}
+
+fn llama_export(model: &Gpt, c: &GptConfig, theta: f64, eos: Option<u32>) -> Result<(serde_json::Value, NamedTensors)> {
+    let swiglu = c.ffn.unit == FfnUnit::Pasilu && c.ffn.alpha_mode == "static_1.0" && !c.ffn.gate_norm;
+    if !swiglu {
+        bail!("model.ffn: this Llama-shaped model's FFN is not SwiGLU (paGating FFNs have no Hugging Face equivalent)");
+    }
+    let a = c.arch;
+    let mut ours = our_tensors(model)?;
+    let mut take = |n: &str| ours.remove(n).with_context(|| format!("the model has no `{n}`"));
+    let mut t = NamedTensors::new();
+    let linear = |x: (Vec<usize>, Vec<f32>)| transposed(&x.0, &x.1);
+    t.insert("model.embed_tokens.weight".into(), take("token_embedding.weight")?);
+    t.insert("model.norm.weight".into(), take("ln_final.gamma")?);
+    if !c.tie_embeddings {
+        t.insert("lm_head.weight".into(), linear(take("lm_head.weight")?));
+    }
+    let (q, kv) = (c.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+    for i in 0..c.n_layers {
+        let pb = |n: &str| format!("blocks.{i}.{n}");
+        let hf = |n: &str| format!("model.layers.{i}.{n}");
+        t.insert(hf("input_layernorm.weight"), take(&pb("ln_attn.gamma"))?);
+        t.insert(hf("post_attention_layernorm.weight"), take(&pb("ln_ffn.gamma"))?);
+        // Our fused [d, q + 2kv] qkv → PyTorch [out, in] rows, split into q, k, v.
+        let (shape, rows) = linear(take(&pb("attn.qkv.weight"))?);
+        let d_in = shape[1];
+        for (name, start, len) in [("q", 0, q), ("k", q, kv), ("v", q + kv, kv)] {
+            t.insert(hf(&format!("self_attn.{name}_proj.weight")), (vec![len, d_in], rows[start * d_in..(start + len) * d_in].to_vec()));
+        }
+        if a.qkv_bias {
+            let (_, b) = take(&pb("attn.qkv.bias"))?;
+            for (name, start, len) in [("q", 0, q), ("k", q, kv), ("v", q + kv, kv)] {
+                t.insert(hf(&format!("self_attn.{name}_proj.bias")), (vec![len], b[start..start + len].to_vec()));
+            }
+        }
+        t.insert(hf("self_attn.o_proj.weight"), linear(take(&pb("attn.out.weight"))?));
+        if a.attn_out_bias {
+            t.insert(hf("self_attn.o_proj.bias"), take(&pb("attn.out.bias"))?);
+        }
+        for (theirs, mine) in [("gate_proj", "gate"), ("up_proj", "value"), ("down_proj", "down")] {
+            t.insert(hf(&format!("mlp.{theirs}.weight")), linear(take(&pb(&format!("ffn.Gated.{mine}.weight")))?));
+            if c.bias {
+                t.insert(hf(&format!("mlp.{theirs}.bias")), take(&pb(&format!("ffn.Gated.{mine}.bias")))?);
+            }
+        }
+    }
+    let qwen2 = a.qkv_bias && !a.attn_out_bias;
+    let (arch, model_type) = if qwen2 { ("Qwen2ForCausalLM", "qwen2") } else { ("LlamaForCausalLM", "llama") };
+    let mut config = serde_json::json!({
+        "architectures": [arch], "model_type": model_type,
+        "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim,
+        "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length, "rms_norm_eps": a.norm_eps,
+        "rope_theta": theta, "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings,
+        "mlp_bias": c.bias, "bos_token_id": eos, "eos_token_id": eos, "torch_dtype": "float32",
+    });
+    if !qwen2 {
+        config["attention_bias"] = serde_json::json!(a.qkv_bias);
+    }
+    Ok((config, t))
+}

@@ -393,6 +393,34 @@ pub fn evaluate(
     Ok(total / t.eval_batches as f64)
 }
 
+/// A run's model as saved in one of its checkpoints.
+pub struct CheckpointedModel {
+    pub config: Config,
+    pub model_config: GptConfig,
+    pub model: Gpt,
+    pub tokenizer: crate::data::TextTokenizer,
+    pub checkpoint: checkpoint::Checkpoint,
+    pub device: Device,
+}
+
+/// Loads the latest (or `step`) checkpoint of `run_dir` for inference.
+pub fn load_checkpointed_model(run_dir: &Path, step: Option<u64>) -> Result<CheckpointedModel> {
+    let config = saved_config(run_dir, &[])?;
+    let tokenizer = crate::data::TextTokenizer::from_file(&run_dir.join(crate::data::TOKENIZER_FILE))?;
+    let ckpt = match step {
+        Some(step) => checkpoint::list_checkpoints(run_dir)?
+            .into_iter()
+            .find(|c| c.step == step)
+            .with_context(|| format!("{} has no checkpoint for step {step}", run_dir.display()))?,
+        None => checkpoint::latest_checkpoint(run_dir)?
+            .with_context(|| format!("{} has no checkpoint yet", run_dir.display()))?,
+    };
+    let device = device_from_name(&config.run.device)?;
+    let (model_config, model) = build_model(&config, tokenizer.vocab_size(), &device)?;
+    let model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE))?;
+    Ok(CheckpointedModel { config, model_config, model, tokenizer, checkpoint: ckpt, device })
+}
+
 /// The config saved in a run directory (what `polyburn resume` continues).
 pub fn saved_config(run_dir: &Path, overrides: &[String]) -> Result<Config> {
     let path = run_dir.join(CONFIG_FILE);
