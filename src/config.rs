@@ -52,6 +52,36 @@ pub struct Config {
     pub optimizer: OptimizerConfig,
     pub training: TrainingConfig,
     pub checkpoint: CheckpointConfig,
+    /// LoRA fine-tuning: only the adapters train; absent = full training.
+    pub lora: Option<LoraConfig>,
+}
+
+/// A projection LoRA can adapt (`lora.target_modules`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraTarget {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<LoraTarget>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { rank: 8, alpha: 16.0, dropout: 0.0, target_modules: vec![LoraTarget::Q, LoraTarget::V] }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -399,6 +429,12 @@ impl Config {
         check((0.0..=1.0).contains(&f.alpha_min), "model.ffn.alpha_min", "must be in [0, 1]");
         check((0.0..=1.0).contains(&f.alpha_max), "model.ffn.alpha_max", "must be in [0, 1]");
         check(f.alpha_steps != Some(0), "model.ffn.alpha_steps", "must be > 0");
+        if let Some(l) = &self.lora {
+            check(l.rank > 0, "lora.rank", "must be > 0");
+            check(l.alpha > 0.0, "lora.alpha", "must be > 0");
+            check((0.0..1.0).contains(&l.dropout), "lora.dropout", "must be in [0, 1)");
+            check(!l.target_modules.is_empty(), "lora.target_modules", "must name at least one of q, k, v, o, gate, up, down");
+        }
         check(o.learning_rate > 0.0 && o.learning_rate.is_finite(), "optimizer.learning_rate", "must be > 0");
         check(o.betas.iter().all(|b| (0.0..1.0).contains(b)), "optimizer.betas", "each must be in [0, 1)");
         check(o.eps > 0.0, "optimizer.eps", "must be > 0");

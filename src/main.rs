@@ -70,6 +70,10 @@ enum Command {
         /// Export this checkpoint step instead of the latest.
         #[arg(long)]
         step: Option<u64>,
+        /// LoRA runs: fold the adapters into the base weights and export a full model
+        /// (without it, the adapters alone are written in the PEFT layout).
+        #[arg(long)]
+        merge: bool,
     },
     /// Tokenizer tools.
     Tokenizer {
@@ -210,10 +214,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             train_and_report(config, true, &run)
         }
         Command::Generate(args) => generate_command(args),
-        Command::Export { run, out, step } => {
+        Command::Export { run, out, step, merge } => {
             let r = load_checkpointed_model(&run, step)?;
-            let eos = r.tokenizer.eos_id();
-            polyburn::model::hf::export_pretrained(&r.model, &r.model_config, &run.join(TOKENIZER_FILE), eos, &out)?;
+            match (&r.config.lora, merge) {
+                (Some(lora), false) => polyburn::model::hf::export_lora_adapters(
+                    &r.model,
+                    &r.model_config,
+                    lora,
+                    r.config.model.pretrained.as_deref(),
+                    &out,
+                )?,
+                _ => {
+                    let eos = r.tokenizer.eos_id();
+                    let merged = r.model.merge_lora();
+                    polyburn::model::hf::export_pretrained(&merged, &r.model_config, &run.join(TOKENIZER_FILE), eos, &out)?
+                }
+            }
             println!("wrote {} (step {})", out.display(), r.checkpoint.step);
             Ok(ExitCode::SUCCESS)
         }

@@ -63,6 +63,18 @@ fn fine_tuning_a_pretrained_llama_resumes_exactly() {
 }
 
 #[test]
+fn lora_fine_tuning_resumes_exactly() {
+    let llama = repo_root().join("../shared/fixtures/tiny-llama");
+    assert_resume_is_exact(&[
+        &format!("model.pretrained={}", llama.display()),
+        "lora.rank=4",
+        "lora.dropout=0.1",
+        "lora.target_modules=[q, v, gate]",
+        "optimizer.learning_rate=1e-2",
+    ]);
+}
+
+#[test]
 fn resume_from_an_earlier_checkpoint_relogs_each_step_once() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");

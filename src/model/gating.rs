@@ -14,7 +14,8 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu, softplus, tanh};
 use burn::tensor::{Device, Tensor};
 
-use crate::config::{AlphaMode, FfnConfig, FfnUnit, GeluApproximation};
+use super::lora::{LoraAdapter, adapted};
+use crate::config::{AlphaMode, FfnConfig, FfnUnit, GeluApproximation, LoraConfig, LoraTarget};
 
 /// The GELU form a config asks for.
 pub fn gelu_with<const D: usize>(x: Tensor<D>, approximate: GeluApproximation) -> Tensor<D> {
@@ -100,6 +101,9 @@ pub struct GatedFfn {
     /// θ with α = sigmoid(θ), for `learnable`.
     alpha_logit: Option<Param<Tensor<1>>>,
     down: Linear,
+    lora_gate: Option<LoraAdapter>,
+    lora_up: Option<LoraAdapter>,
+    lora_down: Option<LoraAdapter>,
     #[module(skip)]
     settings: GateSettings,
 }
@@ -127,8 +131,32 @@ impl GatedFfn {
             gate_norm: gate_norm.then(|| LayerNormConfig::new(d_ff).with_epsilon(1e-5).init(device)),
             alpha_logit,
             down: linear(d_ff, d_model, true),
+            lora_gate: None,
+            lora_up: None,
+            lora_down: None,
             settings,
         }
+    }
+
+    /// Attaches LoRA adapters: `up` adapts the value path, `gate` the gate path.
+    pub fn attach_lora(mut self, c: &LoraConfig, device: &Device) -> Self {
+        let [d_model, d_ff] = self.value.weight.dims();
+        let wants = |t| c.target_modules.contains(&t);
+        self.lora_up = wants(LoraTarget::Up).then(|| LoraAdapter::new(c, d_model, d_ff, device));
+        self.lora_gate = wants(LoraTarget::Gate).then(|| LoraAdapter::new(c, d_model, d_ff, device));
+        self.lora_down = wants(LoraTarget::Down).then(|| LoraAdapter::new(c, d_ff, d_model, device));
+        self
+    }
+
+    pub fn merge_lora(mut self) -> Self {
+        for (linear, adapter) in
+            [(&mut self.value, self.lora_up.take()), (&mut self.gate, self.lora_gate.take()), (&mut self.down, self.lora_down.take())]
+        {
+            if let Some(a) = adapter {
+                linear.weight = linear.weight.clone().map(|w| w + a.delta());
+            }
+        }
+        self
     }
 
     /// α as a one-element tensor (differentiable for `learnable`).
@@ -148,25 +176,25 @@ impl GatedFfn {
     }
 
     /// The unit alone (before `down`): `[.., d_model] → [.., d_ff]`.
-    pub fn unit<const D: usize>(&self, h: Tensor<D>, global_step: u64) -> Tensor<D> {
+    pub fn unit(&self, h: Tensor<3>, global_step: u64) -> Tensor<3> {
         let s = &self.settings;
-        let mut value = self.value.forward(h.clone());
+        let mut value = adapted(self.value.forward(h.clone()), &self.lora_up, &h);
         if s.unit == FfnUnit::Pagtu {
             value = tanh(value);
         }
-        let mut g = gate_activation(s.unit, self.gate.forward(h), s.approximate);
+        let mut g = gate_activation(s.unit, adapted(self.gate.forward(h.clone()), &self.lora_gate, &h), s.approximate);
         if let Some(norm) = &self.gate_norm {
             g = norm.forward(g);
         }
         let alpha = self.alpha_tensor(global_step, &g.device());
-        let shape: [usize; D] = std::array::from_fn(|_| 1);
-        let alpha = alpha.reshape(shape);
+        let alpha = alpha.reshape([1, 1, 1]);
         // α·g + (1 − α): at α = 0 the unit is the value path alone.
         value * (g * alpha.clone() - alpha + 1.0)
     }
 
-    pub fn forward<const D: usize>(&self, h: Tensor<D>, global_step: u64) -> Tensor<D> {
-        self.down.forward(self.unit(h, global_step))
+    pub fn forward(&self, h: Tensor<3>, global_step: u64) -> Tensor<3> {
+        let u = self.unit(h, global_step);
+        adapted(self.down.forward(u.clone()), &self.lora_down, &u)
     }
 
     pub fn matmul_params(&self) -> usize {
@@ -214,9 +242,9 @@ mod tests {
         ffn
     }
 
-    fn input(device: &Device) -> Tensor<2> {
+    fn input(device: &Device) -> Tensor<3> {
         device.seed(11);
-        Tensor::random([4, 3], Distribution::Normal(0.0, 1.0), device)
+        Tensor::random([1, 4, 3], Distribution::Normal(0.0, 1.0), device)
     }
 
     #[test]
@@ -302,7 +330,7 @@ mod tests {
     }
 
     /// Sum of the unit's output weighted by fixed random numbers: a scalar to differentiate.
-    fn probe_loss(ffn: &GatedFfn, h: &Tensor<2>, weights: &Tensor<2>) -> Tensor<1> {
+    fn probe_loss(ffn: &GatedFfn, h: &Tensor<3>, weights: &Tensor<3>) -> Tensor<1> {
         (ffn.forward(h.clone(), 0) * weights.clone()).sum()
     }
 
@@ -342,7 +370,7 @@ mod tests {
             for gate_norm in [false, true] {
                 let ffn = unit_with(unit, "learnable", gate_norm, &device);
                 let h = input(&device);
-                let weights = Tensor::<2>::random([4, 3], Distribution::Normal(0.0, 1.0), &device);
+                let weights = Tensor::<3>::random([1, 4, 3], Distribution::Normal(0.0, 1.0), &device);
                 let grads = probe_loss(&ffn, &h, &weights).backward();
                 let mut ids = Ids::default();
                 ffn.visit(&mut ids);

@@ -17,7 +17,7 @@ use super::norm::NormKind;
 use super::transformer::{Architecture, Gpt, GptConfig};
 use crate::config::{FfnConfig, FfnUnit, GeluApproximation};
 use crate::data::TextTokenizer;
-use crate::train::checkpoint::{TensorFile, load_params};
+use crate::train::checkpoint::{Saved, TensorFile, load_params};
 
 /// A pretrained model ready to run.
 pub struct PretrainedModel {
@@ -193,7 +193,7 @@ fn load_gpt2(
         name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || (c.tie_word_embeddings && name == "lm_head.weight")
     };
     let name_of = |ours: &str| if ours == "lm_head.weight" { ours.to_string() } else { gpt2_name(ours, prefix) };
-    let model = load_params(config.init(device), &file, name_of, ignorable)?;
+    let model = load_params(config.init(device), &file, Saved::All, name_of, ignorable)?;
     Ok((config, model, c.eos_token_id))
 }
 
@@ -342,7 +342,7 @@ fn load_llama(
         bail!("{source}: tensors the model has no place for: {}", leftover.join(", "));
     }
     let file = TensorFile::from_tensors(source, ours);
-    let model = load_params(config.init(device), &file, str::to_string, |_| false)?;
+    let model = load_params(config.init(device), &file, Saved::All, str::to_string, |_| false)?;
     let eos = c.eos_token_id.as_ref().and_then(|e| e.as_u64().or_else(|| e[0].as_u64())).map(|e| e as u32);
     Ok((config, model, eos))
 }
@@ -356,22 +356,7 @@ pub fn export_pretrained(model: &Gpt, config: &GptConfig, tokenizer_file: &Path,
         (NormKind::Rms, Some(theta)) => llama_export(model, config, theta, eos)?,
         _ => bail!("this model mixes GPT-2 and Llama features; it has no Hugging Face architecture to export to"),
     };
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let encoded: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, shape.to_vec(), bytes)
-                .map(|v| (name.to_string(), v))
-                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("serialising: {e}"))?;
-    crate::train::checkpoint::write_file_atomic(&out.join("model.safetensors"), &bytes)?;
+    write_safetensors(&out.join("model.safetensors"), &tensors, out)?;
     crate::train::checkpoint::write_file_atomic(&out.join("config.json"), serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
     let tokenizer = std::fs::read(tokenizer_file).with_context(|| format!("reading {}", tokenizer_file.display()))?;
     crate::train::checkpoint::write_file_atomic(&out.join(crate::data::TOKENIZER_FILE), &tokenizer)
@@ -478,4 +463,74 @@ fn llama_export(model: &Gpt, c: &GptConfig, theta: f64, eos: Option<u32>) -> Res
         config["attention_bias"] = serde_json::json!(a.qkv_bias);
     }
     Ok((config, t))
+}
+
+/// Writes a LoRA run's adapters alone in the PEFT layout (`adapter_model.safetensors` with
+/// `lora_A` [rank, in] / `lora_B` [out, rank] per projection, and `adapter_config.json`).
+/// PEFT names follow the Llama family's modules; GPT-2's fused `c_attn` has no per-q/k/v
+/// modules, so GPT-2-shaped runs export merged weights instead (`--merge`).
+pub fn export_lora_adapters(
+    model: &Gpt,
+    config: &GptConfig,
+    lora: &crate::config::LoraConfig,
+    base_model: Option<&str>,
+    out: &Path,
+) -> Result<()> {
+    if config.arch.norm != NormKind::Rms {
+        bail!("PEFT adapters are written for Llama-shaped models only; export this GPT-2-shaped run with --merge");
+    }
+    let module_of = |field: &str| match field {
+        "attn.lora_q" => Some("self_attn.q_proj"),
+        "attn.lora_k" => Some("self_attn.k_proj"),
+        "attn.lora_v" => Some("self_attn.v_proj"),
+        "attn.lora_o" => Some("self_attn.o_proj"),
+        "ffn.Gated.lora_gate" => Some("mlp.gate_proj"),
+        "ffn.Gated.lora_up" => Some("mlp.up_proj"),
+        "ffn.Gated.lora_down" => Some("mlp.down_proj"),
+        _ => None,
+    };
+    let mut tensors = NamedTensors::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (name, (shape, values)) in our_tensors(model)? {
+        let Some(rest) = name.strip_prefix("blocks.") else { continue };
+        let (layer, field) = rest.split_once('.').unwrap_or((rest, ""));
+        let Some((adapter, which)) = field.rsplit_once('.') else { continue };
+        let Some(module) = module_of(adapter) else { continue };
+        let matrix = match which {
+            "a" => "lora_A",
+            "b" => "lora_B",
+            _ => continue,
+        };
+        modules.insert(module.rsplit('.').next().unwrap_or(module).to_string());
+        tensors.insert(format!("base_model.model.model.layers.{layer}.{module}.{matrix}.weight"), transposed(&shape, &values));
+    }
+    if tensors.is_empty() {
+        bail!("the run has no LoRA adapters to export");
+    }
+    let adapter_config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "target_modules": modules, "bias": "none",
+        "fan_in_fan_out": false, "inference_mode": true, "base_model_name_or_path": base_model.unwrap_or(""),
+    });
+    write_safetensors(&out.join("adapter_model.safetensors"), &tensors, out)?;
+    crate::train::checkpoint::write_file_atomic(&out.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config)?.as_bytes())
+}
+
+fn write_safetensors(path: &Path, tensors: &NamedTensors, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let encoded: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = encoded
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, shape.to_vec(), bytes)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("serialising: {e}"))?;
+    crate::train::checkpoint::write_file_atomic(path, &bytes)
 }

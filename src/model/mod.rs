@@ -2,6 +2,7 @@
 
 pub mod gating;
 pub mod hf;
+pub mod lora;
 pub mod norm;
 pub mod transformer;
 

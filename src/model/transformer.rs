@@ -8,6 +8,8 @@ use burn::tensor::{Device, Int, Tensor};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 
 use super::gating::{GateSettings, GatedFfn, ffn_cost, gelu_with};
+use super::lora::{LoraAdapter, adapted};
+use crate::config::{LoraConfig, LoraTarget};
 use super::norm::{Norm, NormKind};
 use crate::config::{FfnConfig, GeluApproximation, ModelConfig};
 
@@ -98,6 +100,8 @@ impl GptConfig {
             FeedForward::Mlp(Mlp {
                 up: self.linear(self.d_model, self.d_ff, false, device),
                 down: self.linear(self.d_ff, self.d_model, true, device),
+                lora_up: None,
+                lora_down: None,
                 approximate: self.ffn.approximate,
             })
         }
@@ -131,6 +135,10 @@ impl GptConfig {
                 attn: SelfAttention {
                     qkv: self.linear_with_bias(self.d_model, q_width + 2 * kv_width, false, a.qkv_bias, device),
                     out: self.linear_with_bias(q_width, self.d_model, true, a.attn_out_bias, device),
+                    lora_q: None,
+                    lora_k: None,
+                    lora_v: None,
+                    lora_o: None,
                     shape: HeadShape {
                         n_heads: self.n_heads,
                         n_kv_heads: a.n_kv_heads,
@@ -197,6 +205,11 @@ fn rope(x: Tensor<4>, theta: f64) -> Tensor<4> {
 pub struct SelfAttention {
     qkv: Linear,
     out: Linear,
+    /// LoRA adapters of the q, k, v slices of `qkv` and of `out`.
+    lora_q: Option<LoraAdapter>,
+    lora_k: Option<LoraAdapter>,
+    lora_v: Option<LoraAdapter>,
+    lora_o: Option<LoraAdapter>,
     #[module(skip)]
     shape: HeadShape,
 }
@@ -206,11 +219,12 @@ impl SelfAttention {
         let [batch, seq, _] = x.dims();
         let HeadShape { n_heads, n_kv_heads, head_dim, rope_theta } = self.shape;
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
-        let qkv = self.qkv.forward(x);
+        let qkv = self.qkv.forward(x.clone());
         let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
-        let mut q = heads(qkv.clone().narrow(2, 0, q_width), n_heads);
-        let mut k = heads(qkv.clone().narrow(2, q_width, kv_width), n_kv_heads);
-        let mut v = heads(qkv.narrow(2, q_width + kv_width, kv_width), n_kv_heads);
+        let q = adapted(qkv.clone().narrow(2, 0, q_width), &self.lora_q, &x);
+        let k = adapted(qkv.clone().narrow(2, q_width, kv_width), &self.lora_k, &x);
+        let v = adapted(qkv.narrow(2, q_width + kv_width, kv_width), &self.lora_v, &x);
+        let (mut q, mut k, mut v) = (heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads));
         if let Some(theta) = rope_theta {
             q = rope(q, theta);
             k = rope(k, theta);
@@ -227,8 +241,36 @@ impl SelfAttention {
             v = repeat(v);
         }
         let options = AttentionOptions { causal: true, mask: None };
-        let y = attention(q, k, v, options, attention_impl);
-        self.out.forward(y.swap_dims(1, 2).reshape([batch, seq, q_width]))
+        let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
+        adapted(self.out.forward(y.clone()), &self.lora_o, &y)
+    }
+
+    fn attach_lora(mut self, c: &LoraConfig, device: &Device) -> Self {
+        let [d_model, _] = self.qkv.weight.dims();
+        let (q, kv) = (self.shape.n_heads * self.shape.head_dim, self.shape.n_kv_heads * self.shape.head_dim);
+        let wants = |t| c.target_modules.contains(&t);
+        self.lora_q = wants(LoraTarget::Q).then(|| LoraAdapter::new(c, d_model, q, device));
+        self.lora_k = wants(LoraTarget::K).then(|| LoraAdapter::new(c, d_model, kv, device));
+        self.lora_v = wants(LoraTarget::V).then(|| LoraAdapter::new(c, d_model, kv, device));
+        self.lora_o = wants(LoraTarget::O).then(|| LoraAdapter::new(c, q, d_model, device));
+        self
+    }
+
+    /// Folds the adapters into `qkv` and `out` and drops them.
+    fn merge_lora(mut self) -> Self {
+        let [d_model, _] = self.qkv.weight.dims();
+        let device = self.qkv.weight.device();
+        let (q, kv) = (self.shape.n_heads * self.shape.head_dim, self.shape.n_kv_heads * self.shape.head_dim);
+        let delta = |a: &Option<LoraAdapter>, width| a.as_ref().map_or_else(|| Tensor::zeros([d_model, width], &device), |a| a.delta());
+        if self.lora_q.is_some() || self.lora_k.is_some() || self.lora_v.is_some() {
+            let d = Tensor::cat(vec![delta(&self.lora_q, q), delta(&self.lora_k, kv), delta(&self.lora_v, kv)], 1);
+            self.qkv.weight = self.qkv.weight.map(|w| w + d);
+        }
+        if let Some(o) = self.lora_o.take() {
+            self.out.weight = self.out.weight.map(|w| w + o.delta());
+        }
+        (self.lora_q, self.lora_k, self.lora_v) = (None, None, None);
+        self
     }
 }
 
@@ -237,6 +279,8 @@ impl SelfAttention {
 pub struct Mlp {
     up: Linear,
     down: Linear,
+    lora_up: Option<LoraAdapter>,
+    lora_down: Option<LoraAdapter>,
     #[module(skip)]
     approximate: GeluApproximation,
 }
@@ -251,8 +295,38 @@ pub enum FeedForward {
 impl FeedForward {
     fn forward(&self, x: Tensor<3>, global_step: u64) -> Tensor<3> {
         match self {
-            FeedForward::Mlp(m) => m.down.forward(gelu_with(m.up.forward(x), m.approximate)),
+            FeedForward::Mlp(m) => {
+                let h = gelu_with(adapted(m.up.forward(x.clone()), &m.lora_up, &x), m.approximate);
+                adapted(m.down.forward(h.clone()), &m.lora_down, &h)
+            }
             FeedForward::Gated(g) => g.forward(x, global_step),
+        }
+    }
+
+    fn attach_lora(self, c: &LoraConfig, device: &Device) -> Self {
+        match self {
+            FeedForward::Mlp(mut m) => {
+                let [d_model, d_ff] = m.up.weight.dims();
+                m.lora_up = c.target_modules.contains(&LoraTarget::Up).then(|| LoraAdapter::new(c, d_model, d_ff, device));
+                m.lora_down = c.target_modules.contains(&LoraTarget::Down).then(|| LoraAdapter::new(c, d_ff, d_model, device));
+                FeedForward::Mlp(m)
+            }
+            FeedForward::Gated(g) => FeedForward::Gated(g.attach_lora(c, device)),
+        }
+    }
+
+    fn merge_lora(self) -> Self {
+        match self {
+            FeedForward::Mlp(mut m) => {
+                if let Some(a) = m.lora_up.take() {
+                    m.up.weight = m.up.weight.map(|w| w + a.delta());
+                }
+                if let Some(a) = m.lora_down.take() {
+                    m.down.weight = m.down.weight.map(|w| w + a.delta());
+                }
+                FeedForward::Mlp(m)
+            }
+            FeedForward::Gated(g) => FeedForward::Gated(g.merge_lora()),
         }
     }
 
@@ -372,5 +446,37 @@ impl Gpt {
                 FeedForward::Mlp(_) => None,
             })
             .collect()
+    }
+}
+
+impl Gpt {
+    /// Freezes every current parameter and attaches LoRA adapters (B = 0, so outputs are
+    /// unchanged) to the targeted projections; only the adapters train afterwards.
+    pub fn with_lora(self, config: &LoraConfig, device: &Device) -> Self {
+        let mut model = self.no_grad();
+        model.blocks = model
+            .blocks
+            .into_iter()
+            .map(|mut b| {
+                b.attn = b.attn.attach_lora(config, device);
+                b.ffn = b.ffn.attach_lora(config, device);
+                b
+            })
+            .collect();
+        model
+    }
+
+    /// Folds every adapter into its base weight and removes the adapters.
+    pub fn merge_lora(mut self) -> Self {
+        self.blocks = self
+            .blocks
+            .into_iter()
+            .map(|mut b| {
+                b.attn = b.attn.merge_lora();
+                b.ffn = b.ffn.merge_lora();
+                b
+            })
+            .collect();
+        self
     }
 }

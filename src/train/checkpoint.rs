@@ -184,8 +184,22 @@ pub fn named_parameters<M: Module>(module: &M) -> Vec<(String, ParamId, TensorDa
 }
 
 /// Serialises a module's weights as safetensors (f32), parameter ids in the metadata.
-pub fn weights_to_safetensors<M: Module>(module: &M) -> Result<Vec<u8>> {
-    let params = named_parameters(module);
+/// Which parameters a weight file holds: all, or (LoRA runs) only the adapters, since the
+/// frozen base is rebuilt from its source on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    All,
+    AdaptersOnly,
+}
+
+impl Saved {
+    pub fn includes(self, name: &str) -> bool {
+        self == Saved::All || name.split('.').any(|part| part.starts_with("lora_"))
+    }
+}
+
+pub fn weights_to_safetensors<M: Module>(module: &M, saved: Saved) -> Result<Vec<u8>> {
+    let params: Vec<_> = named_parameters(module).into_iter().filter(|(n, _, _)| saved.includes(n)).collect();
     let ids: BTreeMap<&str, u64> = params.iter().map(|(n, id, _)| (n.as_str(), id.val())).collect();
     let metadata = HashMap::from([
         (PARAM_IDS_KEY.to_string(), serde_json::to_string(&ids)?),
@@ -202,8 +216,8 @@ pub fn weights_to_safetensors<M: Module>(module: &M) -> Result<Vec<u8>> {
     safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow!("serialising weights: {e}"))
 }
 
-pub fn save_weights<M: Module>(module: &M, path: &Path) -> Result<()> {
-    write_file_synced(path, &weights_to_safetensors(module)?)
+pub fn save_weights<M: Module>(module: &M, path: &Path, saved: Saved) -> Result<()> {
+    write_file_synced(path, &weights_to_safetensors(module, saved)?)
 }
 
 /// Tensors read from one or more safetensors files, converted to f32, by name.
@@ -252,6 +266,8 @@ impl TensorFile {
 /// Replaces each parameter's value (and id, when recorded) with the stored one.
 struct LoadParams<'a, F> {
     file: &'a TensorFile,
+    /// Parameters outside this selection keep their current values.
+    saved: Saved,
     /// Our parameter path → the tensor name in the file.
     name_of: F,
     path: Vec<String>,
@@ -271,6 +287,9 @@ impl<F: Fn(&str) -> String> ModuleMapper for LoadParams<'_, F> {
             return param;
         }
         let ours = self.path.join(".");
+        if !self.saved.includes(&ours) {
+            return param;
+        }
         let name = (self.name_of)(&ours);
         let expected = param.val().dims().to_vec();
         let source = &self.file.source;
@@ -297,10 +316,11 @@ impl<F: Fn(&str) -> String> ModuleMapper for LoadParams<'_, F> {
 pub fn load_params<M: Module>(
     module: M,
     file: &TensorFile,
+    saved: Saved,
     name_of: impl Fn(&str) -> String,
     ignorable: impl Fn(&str) -> bool,
 ) -> Result<M> {
-    let mut loader = LoadParams { file, name_of, path: Vec::new(), used: Vec::new(), error: None };
+    let mut loader = LoadParams { file, saved, name_of, path: Vec::new(), used: Vec::new(), error: None };
     let module = module.map(&mut loader);
     if let Some(e) = loader.error {
         return Err(e);
@@ -316,6 +336,6 @@ pub fn load_params<M: Module>(
 }
 
 /// Loads weights saved by [`save_weights`] into `module` (parameter ids restored).
-pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
-    load_params(module, &TensorFile::read(&[path.to_path_buf()])?, str::to_string, |_| false)
+pub fn load_weights<M: Module>(module: M, path: &Path, saved: Saved) -> Result<M> {
+    load_params(module, &TensorFile::read(&[path.to_path_buf()])?, saved, str::to_string, |_| false)
 }

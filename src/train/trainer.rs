@@ -57,6 +57,21 @@ pub fn model_config(config: &Config, tokenizer_vocab: usize) -> Result<GptConfig
 /// The model a run starts from: the `model.pretrained` checkpoint, or a fresh one sized by
 /// the config and initialised from the run seed.
 pub fn build_model(config: &Config, tokenizer_vocab: usize, device: &Device) -> Result<(GptConfig, Gpt)> {
+    let (gpt, model) = build_base_model(config, tokenizer_vocab, device)?;
+    let Some(lora) = &config.lora else { return Ok((gpt, model)) };
+    // Adapters are drawn from their own seed so the base initialisation is unaffected.
+    device.seed(derive_seed(config.run.seed, Stream::Init, 1));
+    let model = model.with_lora(lora, device);
+    crate::model::initialize_parameters(&model);
+    Ok((gpt, model))
+}
+
+/// What a run's weight files hold: LoRA runs store only their adapters.
+pub fn saved_weights(config: &Config) -> checkpoint::Saved {
+    if config.lora.is_some() { checkpoint::Saved::AdaptersOnly } else { checkpoint::Saved::All }
+}
+
+fn build_base_model(config: &Config, tokenizer_vocab: usize, device: &Device) -> Result<(GptConfig, Gpt)> {
     let Some(id) = &config.model.pretrained else {
         let gpt = model_config(config, tokenizer_vocab)?;
         let model = init_model(&gpt, config.run.seed, device);
@@ -185,7 +200,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
 
     let state = match &latest {
         Some(ckpt) => {
-            model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE))?;
+            model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE), saved_weights(&config))?;
             ckpt.state()?
         }
         None => TrainerState {
@@ -360,8 +375,9 @@ impl Loop {
         let config = self.learner.config.to_yaml();
         let (model, optimizer) = (&self.learner.model, &self.learner.optimizer);
         let keep_last = self.learner.config.checkpoint.keep_last;
+        let saved = saved_weights(&self.learner.config);
         checkpoint::write_checkpoint(&self.run_dir, self.state.global_step, keep_last, |dir| {
-            checkpoint::save_weights(model, &dir.join(MODEL_FILE))?;
+            checkpoint::save_weights(model, &dir.join(MODEL_FILE), saved)?;
             optimizer
                 .save(dir.join(OPTIMIZER_FILE))
                 .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
@@ -417,7 +433,7 @@ pub fn load_checkpointed_model(run_dir: &Path, step: Option<u64>) -> Result<Chec
     };
     let device = device_from_name(&config.run.device)?;
     let (model_config, model) = build_model(&config, tokenizer.vocab_size(), &device)?;
-    let model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE))?;
+    let model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE), saved_weights(&config))?;
     Ok(CheckpointedModel { config, model_config, model, tokenizer, checkpoint: ckpt, device })
 }
 
