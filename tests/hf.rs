@@ -81,8 +81,43 @@ fn bad_pretrained_folders_are_errors_naming_the_problem() {
     assert!(e.contains("transformer.h.0.mlp.c_fc.weight") && e.contains("shape"), "{e}");
     let e = load(&config.replace("GPT2LMHeadModel", "BertModel")).unwrap();
     assert!(e.contains("BertModel"), "{e}");
-    let e = load_pretrained("no-such-org/no-such-model", &device).err().unwrap().to_string();
-    assert!(e.contains("no-such-org/no-such-model"), "{e}");
+    let r = Run {
+        output: polyburn()
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", tmp.path().join("empty-hf-home"))
+            .args(["generate", "--model", "no-such-org/no-such-model", "--prompt", "x"])
+            .output()
+            .unwrap(),
+    }
+    .fails();
+    assert!(r.stderr().contains("no-such-org/no-such-model") && r.stderr().contains("HF_HUB_OFFLINE"), "{}", r.stderr());
+}
+
+#[test]
+fn hub_ids_resolve_through_the_hugging_face_cache_offline() {
+    // The cache layout the Hugging Face tools write: refs/main names a snapshot folder.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--polyburn-test--tiny-llama");
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny-llama").join(f), snapshot.join(f)).unwrap();
+    }
+    let r = reference("tiny-llama");
+    let out = Run {
+        output: polyburn()
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["generate", "--model", "polyburn-test/tiny-llama", "--prompt", r["prompt"].as_str().unwrap()])
+            .args(["--max-new-tokens", "16", "--greedy", "--json"])
+            .output()
+            .unwrap(),
+    }
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(out.stdout().trim()).unwrap();
+    assert_eq!(ids(&v["ids"]), ids(&r["greedy_continuation_ids"]));
 }
 
 #[test]

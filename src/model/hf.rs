@@ -29,23 +29,47 @@ pub struct PretrainedModel {
     pub eos_token_id: Option<u32>,
 }
 
-/// A local folder, or a hub id found in the local Hugging Face cache (`HF_HOME`,
-/// `HF_HUB_CACHE`). This build does not download: fetch the model first
-/// (e.g. `huggingface-cli download <id>`) or pass its folder.
+/// A local folder, or a hub id: looked up in the Hugging Face cache (`HF_HOME`), and
+/// downloaded into it when missing unless `HF_HUB_OFFLINE=1`.
 pub fn resolve(id_or_path: &str) -> Result<PathBuf> {
     let path = Path::new(id_or_path);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
     let cache = hf_hub::Cache::from_env();
-    if let Some(config) = cache.model(id_or_path.to_string()).get("config.json") {
-        return Ok(config.parent().expect("a file in a folder").to_path_buf());
+    let cached = cache.model(id_or_path.to_string());
+    let complete = |dir: &Path| dir.join(crate::data::TOKENIZER_FILE).is_file() && weight_files(dir).is_ok();
+    if let Some(config) = cached.get("config.json")
+        && let Some(dir) = config.parent().filter(|d| complete(d))
+    {
+        return Ok(dir.to_path_buf());
     }
-    bail!(
-        "`{id_or_path}` is neither a model folder nor a model in the Hugging Face cache ({}); \
-         download it first or pass a local folder",
-        cache.path().display()
-    )
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+        bail!(
+            "`{id_or_path}` is neither a model folder nor complete in the Hugging Face cache ({}), \
+             and HF_HUB_OFFLINE=1 forbids downloading it",
+            cache.path().display()
+        );
+    }
+    download(id_or_path).with_context(|| {
+        format!("`{id_or_path}` is not a local folder or cached model, and downloading it from the Hugging Face hub failed")
+    })
+}
+
+/// Fetches config, tokenizer and weights (single file or every shard) into the HF cache.
+fn download(id: &str) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build()?;
+    let repo = api.model(id.to_string());
+    let config = repo.get("config.json")?;
+    repo.get(crate::data::TOKENIZER_FILE)?;
+    if repo.get("model.safetensors").is_err() {
+        let index = repo.get("model.safetensors.index.json")?;
+        let dir = index.parent().expect("a file in a folder").to_path_buf();
+        for shard in weight_files(&dir)? {
+            repo.get(&shard.file_name().expect("a shard file").to_string_lossy())?;
+        }
+    }
+    Ok(config.parent().expect("a file in a folder").to_path_buf())
 }
 
 #[derive(Debug, Deserialize)]
