@@ -184,3 +184,34 @@ fn pagating_models_do_not_export() {
     let r = run(&["export", "--run", out.to_str().unwrap(), "--out", tmp.path().join("hf").to_str().unwrap()]).fails();
     assert!(r.stderr().contains("paGating FFNs have no Hugging Face equivalent"), "{}", r.stderr());
 }
+
+#[test]
+fn sharded_checkpoints_load_through_their_index() {
+    // Split the tiny Llama into two shards plus model.safetensors.index.json.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny-llama").join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixture("tiny-llama").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        std::fs::write(dir.join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        for n in part {
+            weight_map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let device = Device::flex();
+    let sharded = load_pretrained(dir.to_str().unwrap(), &device).unwrap();
+    let single = load_pretrained(fixture("tiny-llama").to_str().unwrap(), &device).unwrap();
+    let tokens: Vec<i64> = (0..9).collect();
+    assert_eq!(logits_of(&sharded.model, &tokens), logits_of(&single.model, &tokens));
+}
