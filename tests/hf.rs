@@ -139,13 +139,6 @@ fn fine_tuned_runs_keep_the_pretrained_architecture_and_tokenizer() {
     assert!(r.stderr().contains("model.pretrained") && r.stderr().contains("/nonexistent/model"), "{}", r.stderr());
 }
 
-/// Logits of `model` on a fixed token sequence.
-fn logits_of(model: &polyburn::model::Gpt, tokens: &[i64]) -> Vec<f32> {
-    let device = Device::flex();
-    let input = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), &device);
-    model.forward(input, &ForwardContext::default()).into_data().try_to_vec::<f32>().unwrap()
-}
-
 /// Trains a few steps, exports, re-imports: the imported model computes the same logits.
 fn assert_export_round_trips(sets: &[String]) {
     let tmp = tempfile::tempdir().unwrap();

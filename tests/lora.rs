@@ -3,10 +3,9 @@
 
 mod common;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use common::*;
 use polyburn::config::Config;
-use polyburn::model::ForwardContext;
 use polyburn::train::trainer::{build_model, load_checkpointed_model};
 
 const ALL_TARGETS: &str = "lora.target_modules=[q, k, v, o, gate, up, down]";
@@ -17,8 +16,7 @@ fn llama() -> String {
 
 fn logits(model: &polyburn::model::Gpt) -> Vec<f32> {
     let tokens: Vec<i64> = (0..10).map(|i| (i * 13 % 300) as i64).collect();
-    let input = Tensor::<2, Int>::from_data(TensorData::new(tokens, [1, 10]), &Device::flex());
-    model.forward(input, &ForwardContext::default()).into_data().try_to_vec::<f32>().unwrap()
+    logits_of(model, &tokens)
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

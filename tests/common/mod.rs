@@ -105,3 +105,11 @@ pub fn logged_alphas(run_dir: &Path) -> Vec<(u64, Vec<f64>)> {
         })
         .collect()
 }
+
+/// Logits of `model` for one sequence of token ids (flattened `[seq, vocab]`).
+pub fn logits_of(model: &polyburn::model::Gpt, tokens: &[i64]) -> Vec<f32> {
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    let input = Tensor::<2, Int>::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), &Device::flex());
+    let context = polyburn::model::ForwardContext::default();
+    model.forward(input, &context).into_data().try_to_vec::<f32>().unwrap()
+}
