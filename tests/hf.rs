@@ -208,3 +208,47 @@ fn sharded_checkpoints_load_through_their_index() {
     let tokens: Vec<i64> = (0..9).collect();
     assert_eq!(logits_of(&sharded.model, &tokens), logits_of(&single.model, &tokens));
 }
+
+#[test]
+fn qwen2_shaped_models_round_trip_with_qkv_biases() {
+    use polyburn::model::norm::NormKind;
+    use polyburn::model::transformer::Architecture;
+    let device = Device::flex();
+    device.seed(5);
+    let config = polyburn::model::GptConfig {
+        vocab_size: 384,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        d_ff: 48,
+        context_length: 64,
+        dropout: 0.0,
+        bias: false,
+        tie_embeddings: true,
+        ffn: polyburn::config::FfnConfig {
+            unit: polyburn::config::FfnUnit::Pasilu,
+            alpha_mode: "static_1.0".into(),
+            ..Default::default()
+        },
+        total_steps: 1,
+        arch: Architecture {
+            norm: NormKind::Rms,
+            norm_eps: 1e-6,
+            rope_theta: Some(1_000_000.0),
+            n_kv_heads: 2,
+            head_dim: 8,
+            qkv_bias: true,
+            attn_out_bias: false,
+        },
+    };
+    let model = config.init(&device);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qwen");
+    polyburn::model::hf::export_pretrained(&model, &config, &fixture("tiny-llama").join("tokenizer.json"), Some(0), &out).unwrap();
+    let exported: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(exported["architectures"][0], "Qwen2ForCausalLM");
+    let back = load_pretrained(out.to_str().unwrap(), &device).unwrap();
+    assert!(back.config.arch.qkv_bias && !back.config.arch.attn_out_bias);
+    let tokens: Vec<i64> = (0..11).map(|i| i * 31 % 384).collect();
+    assert_eq!(logits_of(&model, &tokens), logits_of(&back.model, &tokens));
+}

@@ -101,12 +101,52 @@ fn exports_peft_adapters_or_a_merged_model() {
 }
 
 #[test]
-fn gpt_shaped_lora_exports_only_merged() {
+fn gpt2_shaped_peft_adapters_reproduce_the_merged_update() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
-    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", "lora.target_modules=[q, v, up, down]", "--set", "lora.rank=2"]).ok();
-    let r = run(&["export", "--run", out.to_str().unwrap(), "--out", tmp.path().join("a").to_str().unwrap()]).fails();
-    assert!(r.stderr().contains("--merge"), "{}", r.stderr());
+    run(&[
+        "train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", "lora.target_modules=[q, v, o, up, down]",
+        "--set", "lora.rank=2", "--set", "optimizer.learning_rate=1e-2",
+    ])
+    .ok();
+    let peft = tmp.path().join("peft");
+    run(&["export", "--run", out.to_str().unwrap(), "--out", peft.to_str().unwrap()]).ok();
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["fan_in_fan_out"], true);
+    let module = "h.0.attn.c_attn";
+    let rank = config["rank_pattern"][module].as_f64().unwrap();
+    let alpha = config["alpha_pattern"][module].as_f64().unwrap();
+    assert_eq!(rank, 4.0, "q and v adapters of rank 2 stack to rank 4");
+    let bytes = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let read = |n: &str| {
+        let t = st.tensor(&format!("base_model.model.transformer.{module}.{n}.weight")).unwrap();
+        let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        (t.shape().to_vec(), v)
+    };
+    let ((a_shape, a), (b_shape, b)) = (read("lora_A"), read("lora_B"));
+    let (r, d_in, d_out) = (a_shape[0], a_shape[1], b_shape[0]);
+    // PEFT's update for a fan_in_fan_out layer: (B·A)ᵀ · alpha/r, in the Conv1D [in, out] layout.
+    let mut peft_delta = vec![0.0f32; d_in * d_out];
+    for o in 0..d_out {
+        for i in 0..d_in {
+            let dot: f32 = (0..r).map(|k| b[o * r + k] * a[k * d_in + i]).sum();
+            peft_delta[i * d_out + o] = dot * (alpha / rank) as f32;
+        }
+    }
+    let trained = load_checkpointed_model(&out, None).unwrap();
+    let weight = |m: &polyburn::model::Gpt| {
+        polyburn::train::checkpoint::named_parameters(m)
+            .into_iter()
+            .find(|(n, _, _)| n == "blocks.0.attn.qkv.weight")
+            .map(|(_, _, d)| d.try_to_vec::<f32>().unwrap())
+            .unwrap()
+    };
+    let before = weight(&trained.model);
+    let after = weight(&trained.model.clone().merge_lora());
+    let ours: Vec<f32> = after.iter().zip(&before).map(|(x, y)| x - y).collect();
+    assert!(ours.iter().any(|v| v.abs() > 1e-6), "training moved the adapters");
+    assert!(max_diff(&ours, &peft_delta) <= 1e-5, "PEFT update differs by {}", max_diff(&ours, &peft_delta));
     run(&["export", "--run", out.to_str().unwrap(), "--out", tmp.path().join("m").to_str().unwrap(), "--merge"]).ok();
 }

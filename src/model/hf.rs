@@ -501,7 +501,7 @@ pub fn export_lora_adapters(
     out: &Path,
 ) -> Result<()> {
     if config.arch.norm != NormKind::Rms {
-        bail!("PEFT adapters are written for Llama-shaped models only; export this GPT-2-shaped run with --merge");
+        return export_gpt2_lora_adapters(model, config, lora, base_model, out);
     }
     let module_of = |field: &str| match field {
         "attn.lora_q" => Some("self_attn.q_proj"),
@@ -557,4 +557,75 @@ fn write_safetensors(path: &Path, tensors: &NamedTensors, dir: &Path) -> Result<
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("serialising: {e}"))?;
     crate::train::checkpoint::write_file_atomic(path, &bytes)
+}
+
+/// GPT-2 PEFT adapters. GPT-2 fuses q, k, v into one Conv1D (`c_attn`), so polyburn's
+/// separate q/k/v adapters become one block-structured adapter on `c_attn`: `lora_A` stacks
+/// the m present `Aᵀ`s ([m·r, d]) and `lora_B` puts each `Bᵀ` in its output rows and rank
+/// columns ([3d, m·r]). Its rank is m·r, so `rank_pattern`/`alpha_pattern` keep the scale
+/// `alpha / r`. `fan_in_fan_out` is true, as for every GPT-2 Conv1D.
+fn export_gpt2_lora_adapters(
+    model: &Gpt,
+    config: &GptConfig,
+    lora: &crate::config::LoraConfig,
+    base_model: Option<&str>,
+    out: &Path,
+) -> Result<()> {
+    let mut ours = our_tensors(model)?;
+    let r = lora.rank;
+    let d = config.d_model;
+    let mut tensors = NamedTensors::new();
+    let mut modules = Vec::new();
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
+    let put = |tensors: &mut NamedTensors, module: &str, a: (Vec<usize>, Vec<f32>), b: (Vec<usize>, Vec<f32>)| {
+        tensors.insert(format!("base_model.model.transformer.{module}.lora_A.weight"), transposed(&a.0, &a.1));
+        tensors.insert(format!("base_model.model.transformer.{module}.lora_B.weight"), transposed(&b.0, &b.1));
+    };
+    for i in 0..config.n_layers {
+        let mut take = |n: &str| ours.remove(&format!("blocks.{i}.{n}"));
+        // c_attn: q, k, v blocks at output offsets 0, d, 2d.
+        let present: Vec<(usize, (Vec<usize>, Vec<f32>), (Vec<usize>, Vec<f32>))> = [("q", 0), ("k", d), ("v", 2 * d)]
+            .into_iter()
+            .filter_map(|(x, offset)| Some((offset, take(&format!("attn.lora_{x}.a"))?, take(&format!("attn.lora_{x}.b"))?)))
+            .collect();
+        if !present.is_empty() {
+            let m = present.len();
+            let mut a_rows = Vec::with_capacity(m * r * d); // [m·r, d]
+            let mut b_full = vec![0.0f32; 3 * d * m * r]; // [3d, m·r]
+            for (j, (offset, (a_shape, a), (_, b))) in present.iter().enumerate() {
+                a_rows.extend(transposed(a_shape, a).1);
+                // b is [r, d_out] (Burn layout); Bᵀ[o][k] = b[k][o] goes to row offset+o, column j·r+k.
+                for k in 0..r {
+                    for o in 0..d {
+                        b_full[(offset + o) * m * r + j * r + k] = b[k * d + o];
+                    }
+                }
+            }
+            let module = format!("h.{i}.attn.c_attn");
+            tensors.insert(format!("base_model.model.transformer.{module}.lora_A.weight"), (vec![m * r, d], a_rows));
+            tensors.insert(format!("base_model.model.transformer.{module}.lora_B.weight"), (vec![3 * d, m * r], b_full));
+            rank_pattern.insert(module.clone(), serde_json::json!(m * r));
+            alpha_pattern.insert(module.clone(), serde_json::json!(lora.alpha * m as f64));
+            modules.push(module);
+        }
+        for (adapter, module) in [("attn.lora_o", "attn.c_proj"), ("ffn.Mlp.lora_up", "mlp.c_fc"), ("ffn.Mlp.lora_down", "mlp.c_proj")] {
+            if let (Some(a), Some(b)) = (take(&format!("{adapter}.a")), take(&format!("{adapter}.b"))) {
+                let module = format!("h.{i}.{module}");
+                put(&mut tensors, &module, a, b);
+                modules.push(module);
+            }
+        }
+    }
+    if tensors.is_empty() {
+        bail!("the run has no LoRA adapters to export");
+    }
+    let adapter_config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "target_modules": modules, "bias": "none",
+        "fan_in_fan_out": true, "inference_mode": true, "base_model_name_or_path": base_model.unwrap_or(""),
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+    });
+    write_safetensors(&out.join("adapter_model.safetensors"), &tensors, out)?;
+    crate::train::checkpoint::write_file_atomic(&out.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config)?.as_bytes())
 }
