@@ -491,8 +491,8 @@ fn llama_export(model: &Gpt, c: &GptConfig, theta: f64, eos: Option<u32>) -> Res
 
 /// Writes a LoRA run's adapters alone in the PEFT layout (`adapter_model.safetensors` with
 /// `lora_A` [rank, in] / `lora_B` [out, rank] per projection, and `adapter_config.json`).
-/// PEFT names follow the Llama family's modules; GPT-2's fused `c_attn` has no per-q/k/v
-/// modules, so GPT-2-shaped runs export merged weights instead (`--merge`).
+/// Llama-shaped runs use the Llama module names; GPT-2-shaped runs go through
+/// [`export_gpt2_lora_adapters`], which folds the q/k/v adapters into one `c_attn` adapter.
 pub fn export_lora_adapters(
     model: &Gpt,
     config: &GptConfig,
