@@ -1,10 +1,12 @@
-//! Text generation from a trained run: greedy, temperature, top-k and top-p sampling.
+//! Text generation: N replies per prompt in one batch over a KV cache; greedy, temperature,
+//! top-k and top-p sampling.
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+use crate::model::transformer::{KvCache, Positions};
 use crate::model::{ForwardContext, Gpt};
-use crate::rng::SplitMix64;
+use crate::rng::{SplitMix64, Stream, derive_seed};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,8 +81,143 @@ pub fn sample_token(logits: &[f32], o: &SamplingOptions, rng: &mut SplitMix64) -
     candidates[probs.len() - 1].0 as u32
 }
 
-/// Continues `prompt` token by token; returns the new tokens only. The model sees at most
-/// its context length (the oldest tokens slide out). `context` carries the checkpoint's step.
+/// How the next token's logits are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Decoding {
+    /// Keys and values of earlier tokens stay in a preallocated [`KvCache`]; each step runs
+    /// one token per sequence.
+    #[default]
+    KvCache,
+    /// Every step runs the whole sequence again (the baseline `bench generate` compares with).
+    Recompute,
+}
+
+/// `n` continuations of each prompt, sampled in one batch of `prompts.len() × n` sequences.
+/// Returns the new tokens, `[prompt][reply]`; a reply ends before `stop_token` or after
+/// `max_new_tokens`. Prompts may differ in length (they are left-padded). Each sequence
+/// draws from its own seeded stream, so results do not depend on batch composition.
+/// Past the context length the window restarts from the last half of each sequence.
+pub fn generate_batch(
+    model: &Gpt,
+    prompts: &[Vec<u32>],
+    n: usize,
+    o: &SamplingOptions,
+    context: &ForwardContext,
+    decoding: Decoding,
+    device: &Device,
+) -> Result<Vec<Vec<Vec<u32>>>> {
+    o.validate()?;
+    if n == 0 {
+        bail!("the number of replies per prompt must be at least 1");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty after tokenization");
+    }
+    let rows = prompts.len() * n;
+    let window = model.context_length();
+    let mut sequences: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
+    let mut replies: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut done = vec![false; rows];
+    let mut rngs: Vec<SplitMix64> =
+        (0..rows).map(|r| SplitMix64::new(derive_seed(o.seed, Stream::Sampling, r as u64))).collect();
+    if rows == 0 || o.max_new_tokens == 0 {
+        return Ok(vec![vec![Vec::new(); n]; prompts.len()]);
+    }
+
+    // Prefill each distinct prompt once, then share its cache among its n replies.
+    let tails: Vec<&[u32]> = prompts.iter().map(|p| &p[p.len().saturating_sub(window - 1)..]).collect();
+    let (mut state, mut logits) = Prefill::run(model, &tails, window, context, device);
+    if n > 1 {
+        state.cache = state.cache.repeat_rows(n);
+        state.pads = state.pads.iter().flat_map(|&p| std::iter::repeat_n(p, n)).collect();
+        logits = logits.iter().flat_map(|l| std::iter::repeat_n(l.clone(), n)).collect();
+    }
+
+    for step in 0..o.max_new_tokens {
+        let mut last = Vec::with_capacity(rows);
+        for r in 0..rows {
+            if !done[r] {
+                let next = sample_token(&logits[r], o, &mut rngs[r]);
+                if Some(next) == o.stop_token {
+                    done[r] = true;
+                } else {
+                    sequences[r].push(next);
+                    replies[r].push(next);
+                }
+            }
+            last.push(*sequences[r].last().expect("prompts are not empty"));
+        }
+        if step + 1 == o.max_new_tokens || done.iter().all(|&d| d) {
+            break;
+        }
+        logits = if decoding == Decoding::Recompute || state.cache.len() == state.cache.capacity() {
+            let keep = if decoding == Decoding::Recompute { window } else { window / 2 };
+            let tails: Vec<&[u32]> = sequences.iter().map(|s| &s[s.len().saturating_sub(keep)..]).collect();
+            let (fresh, logits) = Prefill::run(model, &tails, window, context, device);
+            state = fresh;
+            logits
+        } else {
+            state.decode(model, &last, context, device)
+        };
+    }
+    Ok(replies.chunks(n).map(|c| c.to_vec()).collect())
+}
+
+/// A KV cache over left-padded sequences: `pads[r]` slots of padding precede row `r`.
+struct Prefill {
+    cache: KvCache,
+    pads: Vec<usize>,
+}
+
+impl Prefill {
+    /// Runs the (left-padded) `rows` into a fresh cache; returns each row's next-token logits.
+    fn run(model: &Gpt, rows: &[&[u32]], capacity: usize, context: &ForwardContext, device: &Device) -> (Self, Vec<Vec<f32>>) {
+        let batch = rows.len();
+        let len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = rows.iter().map(|r| len - r.len()).collect();
+        let mut ids = Vec::with_capacity(batch * len);
+        let mut positions = Vec::with_capacity(batch * len);
+        let mut hidden = Vec::with_capacity(batch * len * len);
+        for (r, row) in rows.iter().enumerate() {
+            let pad = pads[r];
+            ids.extend(std::iter::repeat_n(0i64, pad).chain(row.iter().map(|&t| t as i64)));
+            positions.extend((0..len).map(|j| j.saturating_sub(pad)));
+            // Causal, and padding keys are invisible; a padding query sees only itself so its
+            // softmax row stays finite (its output is never used).
+            for i in 0..len {
+                hidden.extend((0..len).map(|j| j > i || (j < pad && j != i)));
+            }
+        }
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, len]), device);
+        let positions = Positions { ids: positions, rows: batch, len };
+        let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, len, len]), device);
+        let mut cache = model.new_cache(batch, capacity, device);
+        let logits = model.forward_cached(tokens, &positions, mask, &mut cache, context);
+        (Self { cache, pads }, last_logits(logits))
+    }
+
+    /// Appends one token per row; returns each row's next-token logits.
+    fn decode(&mut self, model: &Gpt, tokens: &[u32], context: &ForwardContext, device: &Device) -> Vec<Vec<f32>> {
+        let batch = tokens.len();
+        let slot = self.cache.len();
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let positions = Positions { ids: self.pads.iter().map(|&p| slot - p).collect(), rows: batch, len: 1 };
+        let hidden: Vec<bool> = self.pads.iter().flat_map(|&p| (0..=slot).map(move |j| j < p)).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, 1]), device);
+        let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, 1, slot + 1]), device);
+        last_logits(model.forward_cached(tokens, &positions, mask, &mut self.cache, context))
+    }
+}
+
+/// The last position's logits of each row of `[batch, seq, vocab]`, on the host.
+fn last_logits(logits: Tensor<3>) -> Vec<Vec<f32>> {
+    let [batch, seq, vocab] = logits.dims();
+    let last = logits.narrow(1, seq - 1, 1).into_data().convert::<f32>();
+    let values = last.as_slice::<f32>().expect("f32 logits");
+    (0..batch).map(|b| values[b * vocab..(b + 1) * vocab].to_vec()).collect()
+}
+
+/// Continues one prompt; returns the new tokens only (see [`generate_batch`]).
 pub fn generate(
     model: &Gpt,
     prompt: &[u32],
@@ -88,33 +225,82 @@ pub fn generate(
     context: &ForwardContext,
     device: &Device,
 ) -> Result<Vec<u32>> {
-    o.validate()?;
-    if prompt.is_empty() {
-        bail!("the prompt is empty after tokenization");
-    }
-    let mut rng = SplitMix64::new(o.seed);
-    let mut tokens: Vec<u32> = prompt.to_vec();
-    let mut new = Vec::new();
-    for _ in 0..o.max_new_tokens {
-        let window = &tokens[tokens.len().saturating_sub(model.context_length())..];
-        let ids: Vec<i64> = window.iter().map(|&t| t as i64).collect();
-        let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, window.len()]), device);
-        let logits = model.forward(input, context);
-        let [_, seq, vocab] = logits.dims();
-        let last = logits.slice([0..1, seq - 1..seq, 0..vocab]).into_data().convert::<f32>();
-        let next = sample_token(last.as_slice::<f32>().expect("f32 logits"), o, &mut rng);
-        if Some(next) == o.stop_token {
-            break;
-        }
-        tokens.push(next);
-        new.push(next);
-    }
-    Ok(new)
+    let mut replies = generate_batch(model, &[prompt.to_vec()], 1, o, context, Decoding::KvCache, device)?;
+    Ok(replies.remove(0).remove(0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::model::GptConfig;
+
+    fn model(llama: bool) -> (Gpt, Device) {
+        let device = Device::flex();
+        device.seed(7);
+        let model = GptConfig::tiny_for_tests(19, llama).init(&device);
+        crate::model::initialize_parameters(&model);
+        (model, device)
+    }
+
+    fn greedy(max_new_tokens: usize) -> SamplingOptions {
+        SamplingOptions { temperature: 0.0, max_new_tokens, ..Default::default() }
+    }
+
+    #[test]
+    fn cached_prefill_logits_match_the_full_forward_pass() {
+        for llama in [false, true] {
+            let (model, device) = model(llama);
+            let ctx = ForwardContext::default();
+            let prompts: Vec<&[u32]> = vec![&[3, 1, 4, 1, 5], &[9, 2]];
+            let (_, cached) = Prefill::run(&model, &prompts, 24, &ctx, &device);
+            for (prompt, cached) in prompts.iter().zip(cached) {
+                let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+                let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), &device);
+                let full = last_logits(model.forward(input, &ctx)).remove(0);
+                for (a, b) in full.iter().zip(&cached) {
+                    assert!((a - b).abs() < 1e-4, "llama={llama}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kv_cache_decoding_equals_recomputation_for_mixed_length_prompts() {
+        for llama in [false, true] {
+            let (model, device) = model(llama);
+            let ctx = ForwardContext::default();
+            let prompts = vec![vec![3, 1, 4, 1, 5, 9, 2], vec![6], vec![5, 3, 5]];
+            let run = |d| generate_batch(&model, &prompts, 2, &greedy(12), &ctx, d, &device).unwrap();
+            let cached = run(Decoding::KvCache);
+            assert_eq!(cached, run(Decoding::Recompute), "llama={llama}");
+            assert!(cached.iter().all(|g| g.len() == 2 && g[0].len() == 12 && g[0] == g[1]));
+            // Padding and batch-mates change nothing: each prompt alone gives the same reply.
+            for (prompt, replies) in prompts.iter().zip(&cached) {
+                let alone = generate(&model, prompt, &greedy(12), &ctx, &device).unwrap();
+                assert_eq!(&alone, &replies[0], "llama={llama}");
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_is_seeded_per_sequence_and_stops_at_the_stop_token() {
+        let (model, device) = model(false);
+        let ctx = ForwardContext::default();
+        let o = SamplingOptions { temperature: 1.5, max_new_tokens: 30, seed: 11, ..Default::default() };
+        let prompts = vec![vec![1, 2, 3], vec![4]];
+        let a = generate_batch(&model, &prompts, 4, &o, &ctx, Decoding::KvCache, &device).unwrap();
+        assert_eq!(a, generate_batch(&model, &prompts, 4, &o, &ctx, Decoding::KvCache, &device).unwrap());
+        let distinct: std::collections::BTreeSet<_> = a[0].iter().collect();
+        assert!(distinct.len() > 1, "hot sampling gave 4 identical replies");
+        // Past the 24-token context the window restarts; generation goes on.
+        assert!(a.iter().flatten().all(|r| r.len() == 30));
+        let stop = a[0][0][2];
+        let stopped = SamplingOptions { stop_token: Some(stop), ..o };
+        let b = generate_batch(&model, &prompts, 4, &stopped, &ctx, Decoding::KvCache, &device).unwrap();
+        assert_eq!(b[0][0], a[0][0][..a[0][0].iter().position(|&t| t == stop).unwrap()]);
+        assert!(b.iter().flatten().all(|r| !r.contains(&stop)));
+    }
 
     #[test]
     fn greedy_top_k_and_top_p_restrict_choices() {

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use polyburn::bench::{self, TrainBenchOptions};
 use polyburn::config::Config;
 use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
-use polyburn::generate::{SamplingOptions, generate};
+use polyburn::generate::{Decoding, SamplingOptions, generate_batch};
 use polyburn::sweep::{Sweep, run_sweep, write_report};
 use polyburn::train::checkpoint;
 use polyburn::train::trainer::{load_checkpointed_model, saved_config};
@@ -43,6 +43,19 @@ enum Command {
     },
     /// Generate text from a trained run.
     Generate(GenerateArgs),
+    /// Print sentence embeddings, one JSON object per text: `{"text": ..., "embedding": [...]}`.
+    /// Reads one text per line from stdin when neither --text nor --file is given.
+    Embed {
+        /// Sentence encoder: a Hugging Face hub id (through the HF cache) or a model folder.
+        #[arg(long, default_value = polyburn::model::encoder::DEFAULT_ENCODER)]
+        model: String,
+        /// A text to embed (repeatable).
+        #[arg(long)]
+        text: Vec<String>,
+        /// A file with one text per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
     /// Train every combination of a grid of config values (resumable), then report.
     Sweep {
         /// The sweep file (base config + grid).
@@ -109,11 +122,15 @@ struct GenerateArgs {
     /// A Hugging Face model folder, or a hub id in the local Hugging Face cache.
     #[arg(long)]
     model: Option<String>,
-    /// Print `{"prompt_ids": [...], "ids": [...], "text": ...}` (ids: new tokens only).
+    /// Print one JSON line per reply: `{"reply": i, "prompt_ids": [...], "ids": [...], "text": ...}`
+    /// (ids: new tokens only).
     #[arg(long)]
     json: bool,
     #[arg(long)]
     prompt: String,
+    /// Replies to sample for the prompt, generated together in one batch.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
@@ -214,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             train_and_report(config, true, &run)
         }
         Command::Generate(args) => generate_command(args),
+        Command::Embed { model, text, file } => embed_command(&model, text, file),
         Command::Export { run, out, step, merge } => {
             let r = load_checkpointed_model(&run, step)?;
             match (&r.config.lora, merge) {
@@ -289,6 +307,28 @@ fn train_and_report(config: Config, resume: bool, run: &RunArgs) -> Result<ExitC
     Ok(if outcome.interrupted && train::interrupted() { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }
 
+fn embed_command(model: &str, mut texts: Vec<String>, file: Option<PathBuf>) -> Result<ExitCode> {
+    use std::io::{BufRead, Write};
+    let read_lines = |r: &mut dyn BufRead, name: &str| -> Result<Vec<String>> {
+        r.lines().collect::<std::io::Result<Vec<_>>>().with_context(|| format!("reading {name}"))
+    };
+    if let Some(path) = &file {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        texts.extend(read_lines(&mut std::io::BufReader::new(f), &path.display().to_string())?);
+    }
+    if texts.is_empty() && file.is_none() {
+        texts = read_lines(&mut std::io::stdin().lock(), "stdin")?;
+    }
+    let encoder = polyburn::model::encoder::SentenceEncoder::load(model, &Device::flex())?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let embeddings = encoder.embed(&refs)?;
+    let mut out = std::io::stdout().lock();
+    for (text, embedding) in texts.iter().zip(embeddings) {
+        writeln!(out, "{}", serde_json::json!({"text": text, "embedding": embedding}))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
     let (model, tokenizer, stop_token, global_step, device) = match (&args.run, &args.model) {
         (Some(run), _) => {
@@ -313,12 +353,17 @@ fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
     };
     let prompt = tokenizer.encode(&args.prompt)?;
     let context = polyburn::model::ForwardContext::at_step(global_step);
-    let new = generate(&model, &prompt, &options, &context, &device)?;
-    let text = tokenizer.decode(&new)?;
-    if args.json {
-        println!("{}", serde_json::json!({"prompt_ids": prompt, "ids": new, "text": text}));
-    } else {
-        println!("{}{}", args.prompt, text);
+    let replies = generate_batch(&model, &[prompt.clone()], args.n, &options, &context, Decoding::KvCache, &device)?;
+    for (i, new) in replies[0].iter().enumerate() {
+        let text = tokenizer.decode(new)?;
+        if args.json {
+            println!("{}", serde_json::json!({"reply": i, "prompt_ids": prompt, "ids": new, "text": text}));
+        } else {
+            if args.n > 1 {
+                println!("--- reply {i}");
+            }
+            println!("{}{}", args.prompt, text);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

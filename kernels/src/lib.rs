@@ -2,3 +2,4 @@
 //! tensor ops (the definition every faster implementation is checked against).
 
 pub mod attention;
+pub mod diversity;

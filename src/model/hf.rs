@@ -137,7 +137,7 @@ pub fn gpt2_name(ours: &str, prefix: &str) -> String {
 }
 
 /// The weight files of a model folder: one file, or the shards an index lists.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
@@ -255,7 +255,7 @@ fn default_silu() -> String {
 }
 
 /// Row-major `[rows, cols]` → `[cols, rows]`: PyTorch `Linear` stores `[out, in]`, Burn `[in, out]`.
-fn transposed(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+pub(crate) fn transposed(shape: &[usize], values: &[f32]) -> (Vec<usize>, Vec<f32>) {
     let (rows, cols) = (shape[0], shape[1]);
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {

@@ -1,5 +1,6 @@
 //! Models polyburn trains.
 
+pub mod encoder;
 pub mod gating;
 pub mod hf;
 pub mod lora;

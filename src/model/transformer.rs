@@ -4,7 +4,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 
 use super::gating::{GateSettings, GatedFfn, ffn_cost, gelu_with};
@@ -120,6 +120,24 @@ impl GptConfig {
             .init(device)
     }
 
+    /// A small random model for unit tests: GPT-2 shape, or Llama shape (RoPE, RMSNorm, GQA).
+    #[cfg(test)]
+    pub fn tiny_for_tests(vocab_size: usize, llama: bool) -> Self {
+        let model = ModelConfig { d_model: 32, n_layers: 2, n_heads: 4, context_length: 24, ..Default::default() };
+        let mut c = Self::from_model_config(&model, vocab_size, 10);
+        if llama {
+            c.arch = Architecture {
+                norm: NormKind::Rms,
+                rope_theta: Some(10_000.0),
+                n_kv_heads: 2,
+                qkv_bias: false,
+                attn_out_bias: false,
+                ..c.arch
+            };
+        }
+        c
+    }
+
     pub fn init(&self, device: &Device) -> Gpt {
         let embedding = |n| {
             EmbeddingConfig::new(n, self.d_model)
@@ -177,14 +195,38 @@ pub struct HeadShape {
     pub rope_theta: Option<f64>,
 }
 
+/// Absolute positions of the tokens of one forward call: one row shared by the whole batch
+/// (training: `0..T`), or one row per sequence (left-padded prompts and KV-cache decoding,
+/// where each sequence counts from its own first real token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Positions {
+    /// `rows × len` positions, row-major; `rows` is 1 or the batch size.
+    pub ids: Vec<usize>,
+    pub rows: usize,
+    pub len: usize,
+}
+
+impl Positions {
+    /// `0..len` for every sequence.
+    pub fn contiguous(len: usize) -> Self {
+        Self { ids: (0..len).collect(), rows: 1, len }
+    }
+
+    fn tensor(&self, batch: usize, device: &Device) -> Tensor<2, Int> {
+        let ids: Vec<i64> = self.ids.iter().map(|&p| p as i64).collect();
+        Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids, [self.rows, self.len]), device)
+            .expand([batch, self.len])
+    }
+}
+
 /// Rotary position embedding in the "rotate half" layout Llama uses: dimension `i` of the
 /// first half pairs with `i + head_dim/2`. `x` is `[batch, heads, seq, head_dim]`.
-fn rope(x: Tensor<4>, theta: f64) -> Tensor<4> {
-    let [_, _, seq, head_dim] = x.dims();
+fn rope(x: Tensor<4>, theta: f64, positions: &Positions) -> Tensor<4> {
+    let [batch, heads, seq, head_dim] = x.dims();
     let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(seq * head_dim);
-    let mut sin = Vec::with_capacity(seq * head_dim);
-    for pos in 0..seq {
+    let mut cos = Vec::with_capacity(positions.ids.len() * head_dim);
+    let mut sin = Vec::with_capacity(positions.ids.len() * head_dim);
+    for &pos in &positions.ids {
         for i in 0..head_dim {
             let freq = theta.powf(-((2 * (i % half)) as f64) / head_dim as f64);
             let angle = pos as f64 * freq;
@@ -193,12 +235,62 @@ fn rope(x: Tensor<4>, theta: f64) -> Tensor<4> {
         }
     }
     let device = x.device();
-    let table = |v: Vec<f32>| Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [seq, head_dim]), &device).reshape([1, 1, seq, head_dim]);
+    let rows = positions.rows;
+    let table = |v: Vec<f32>| {
+        Tensor::<2>::from_data(burn::tensor::TensorData::new(v, [rows * seq, head_dim]), &device)
+            .reshape([rows, 1, seq, head_dim])
+            .expand([batch, heads, seq, head_dim])
+    };
     let (cos, sin) = (table(cos), table(sin));
     let first = x.clone().narrow(3, 0, half);
     let second = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![second.neg(), first], 3);
     x * cos + rotated * sin
+}
+
+/// One layer's preallocated keys and values `[batch, kv_heads, capacity, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    keys: Tensor<4>,
+    values: Tensor<4>,
+}
+
+/// Keys and values of every layer for incremental decoding. Slots `0..len` are filled; new
+/// tokens are written in place at `len..`, so the prefix is never recomputed or concatenated.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Each sequence `i` becomes `copies` consecutive sequences `i·copies ..` (one prompt's
+    /// prefill shared by its N replies).
+    pub fn repeat_rows(self, copies: usize) -> Self {
+        let repeat = |t: Tensor<4>| {
+            let [b, h, c, d] = t.dims();
+            t.reshape([b, 1, h, c, d]).expand([b, copies, h, c, d]).reshape([b * copies, h, c, d])
+        };
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|l| LayerCache { keys: repeat(l.keys), values: repeat(l.values) })
+            .collect();
+        Self { layers, ..self }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -215,7 +307,17 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn forward(&self, x: Tensor<3>, attention_impl: AttentionImpl) -> Tensor<3> {
+    /// Attention over `x` and, with a cache, over the cached prefix too: the new keys and
+    /// values are written into `cache` at its current length. `mask` (`true` = hidden) is
+    /// given with a cache; without one the attention is plain causal.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        positions: &Positions,
+        cache: Option<(&mut LayerCache, usize)>,
+        mask: Option<Tensor<4, Bool>>,
+        attention_impl: AttentionImpl,
+    ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let HeadShape { n_heads, n_kv_heads, head_dim, rope_theta } = self.shape;
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
@@ -226,21 +328,30 @@ impl SelfAttention {
         let v = adapted(qkv.narrow(2, q_width + kv_width, kv_width), &self.lora_v, &x);
         let (mut q, mut k, mut v) = (heads(q, n_heads), heads(k, n_kv_heads), heads(v, n_kv_heads));
         if let Some(theta) = rope_theta {
-            q = rope(q, theta);
-            k = rope(k, theta);
+            q = rope(q, theta, positions);
+            k = rope(k, theta, positions);
         }
+        if let Some((cache, filled)) = cache {
+            let end = filled + seq;
+            let slots = [0..batch, 0..n_kv_heads, filled..end, 0..head_dim];
+            cache.keys = cache.keys.clone().slice_assign(slots.clone(), k);
+            cache.values = cache.values.clone().slice_assign(slots, v);
+            k = cache.keys.clone().narrow(2, 0, end);
+            v = cache.values.clone().narrow(2, 0, end);
+        }
+        let keys = k.dims()[2];
         if n_kv_heads != n_heads {
             // Grouped-query attention: each k/v head serves n_heads / n_kv_heads query heads.
             let group = n_heads / n_kv_heads;
             let repeat = |t: Tensor<4>| {
-                t.reshape([batch, n_kv_heads, 1, seq, head_dim])
-                    .expand([batch, n_kv_heads, group, seq, head_dim])
-                    .reshape([batch, n_heads, seq, head_dim])
+                t.reshape([batch, n_kv_heads, 1, keys, head_dim])
+                    .expand([batch, n_kv_heads, group, keys, head_dim])
+                    .reshape([batch, n_heads, keys, head_dim])
             };
             k = repeat(k);
             v = repeat(v);
         }
-        let options = AttentionOptions { causal: true, mask: None };
+        let options = AttentionOptions { causal: mask.is_none(), mask };
         let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
         adapted(self.out.forward(y.clone()), &self.lora_o, &y)
     }
@@ -349,8 +460,15 @@ pub struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
-        let attn = self.attn.forward(self.ln_attn.forward(x.clone()), context.attention);
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        positions: &Positions,
+        cache: Option<(&mut LayerCache, usize)>,
+        mask: Option<Tensor<4, Bool>>,
+        context: &ForwardContext,
+    ) -> Tensor<3> {
+        let attn = self.attn.forward(self.ln_attn.forward(x.clone()), positions, cache, mask, context.attention);
         let x = x + self.dropout.forward(attn);
         let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone()), context.global_step);
         x + self.dropout.forward(ffn)
@@ -391,27 +509,84 @@ impl Gpt {
 
     /// Token ids `[batch, seq]` → logits `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<2, Int>, context: &ForwardContext) -> Tensor<3> {
+        self.logits(self.hidden(tokens, context))
+    }
+
+    /// Token ids `[batch, seq]` → final (normed) hidden states `[batch, seq, d_model]`.
+    pub fn hidden(&self, tokens: Tensor<2, Int>, context: &ForwardContext) -> Tensor<3> {
+        let seq = tokens.dims()[1];
+        self.run_blocks(tokens, &Positions::contiguous(seq), None, context)
+    }
+
+    /// A cache for `batch` sequences of up to `capacity` tokens (at most the context length).
+    pub fn new_cache(&self, batch: usize, capacity: usize, device: &Device) -> KvCache {
+        let capacity = capacity.min(self.context_length);
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let HeadShape { n_kv_heads, head_dim, .. } = b.attn.shape;
+                let empty = || Tensor::zeros([batch, n_kv_heads, capacity, head_dim], device);
+                LayerCache { keys: empty(), values: empty() }
+            })
+            .collect();
+        KvCache { layers, len: 0, capacity }
+    }
+
+    /// Runs `tokens [batch, seq]` after the `cache.len()` cached slots and appends them to the
+    /// cache. `positions` are each token's position in its own sequence; `mask
+    /// [batch, 1, seq, len + seq]` hides keys (padding, the future). Returns logits.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<2, Int>,
+        positions: &Positions,
+        mask: Tensor<4, Bool>,
+        cache: &mut KvCache,
+        context: &ForwardContext,
+    ) -> Tensor<3> {
+        let seq = tokens.dims()[1];
+        assert!(cache.len + seq <= cache.capacity, "KV cache of {} slots overflows", cache.capacity);
+        let hidden = self.run_blocks(tokens, positions, Some((cache, mask)), context);
+        cache.len += seq;
+        self.logits(hidden)
+    }
+
+    fn run_blocks(
+        &self,
+        tokens: Tensor<2, Int>,
+        positions: &Positions,
+        mut cache: Option<(&mut KvCache, Tensor<4, Bool>)>,
+        context: &ForwardContext,
+    ) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
+        let max_position = positions.ids.iter().copied().max().unwrap_or(0);
         assert!(
-            seq <= self.context_length,
-            "sequence of {seq} tokens exceeds the model's context_length {}",
+            seq <= self.context_length && max_position < self.context_length,
+            "sequence of {seq} tokens (positions up to {max_position}) exceeds the model's context_length {}",
             self.context_length
         );
         let device = tokens.device();
         let mut x = self.token_embedding.forward(tokens);
         if let Some(table) = &self.position_embedding {
-            let positions = Tensor::<1, Int>::arange(0..seq as i64, &device).reshape([1, seq]).expand([batch, seq]);
-            x = x + table.forward(positions);
+            x = x + table.forward(positions.tensor(batch, &device));
         }
         let mut x = self.dropout.forward(x);
-        for block in &self.blocks {
-            x = block.forward(x, context);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (layer, mask) = match cache.as_mut() {
+                Some((c, mask)) => (Some((&mut c.layers[i], c.len)), Some(mask.clone())),
+                None => (None, None),
+            };
+            x = block.forward(x, positions, layer, mask, context);
         }
-        let x = self.ln_final.forward(x);
+        self.ln_final.forward(x)
+    }
+
+    /// Final hidden states → logits through the LM head (or the tied embedding).
+    pub fn logits(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d_model] = x.dims();
         match &self.lm_head {
             Some(head) => head.forward(x),
             None => {
-                let [_, _, d_model] = x.dims();
                 let table = self.token_embedding.weight.val(); // [vocab, d_model]
                 let vocab = table.dims()[0];
                 x.reshape([batch * seq, d_model]).matmul(table.transpose()).reshape([batch, seq, vocab])

@@ -254,6 +254,8 @@ impl TensorFile {
                     Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
                     Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                     Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                    // Integer buffers (BERT's `position_ids`) are recomputed, never parameters.
+                    Dtype::I64 | Dtype::I32 | Dtype::U8 | Dtype::BOOL => continue,
                     other => bail!("{at}: tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 load"),
                 };
                 tensors.insert(name, (view.shape().to_vec(), values));

@@ -113,3 +113,23 @@ pub fn logits_of(model: &polyburn::model::Gpt, tokens: &[i64]) -> Vec<f32> {
     let context = polyburn::model::ForwardContext::default();
     model.forward(input, &context).into_data().try_to_vec::<f32>().unwrap()
 }
+
+/// `../shared` beside the clone (fixtures, data); CI has it.
+pub fn shared_dir() -> PathBuf {
+    repo_root().join("../shared")
+}
+
+/// Runs polyburn with `input` on stdin.
+pub fn run_with_stdin(args: &[&str], input: &str) -> Run {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = polyburn()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn polyburn");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    Run { output: child.wait_with_output().expect("wait for polyburn") }
+}
