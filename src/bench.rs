@@ -108,7 +108,7 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
     let model = init_model(&gpt, config.run.seed, &train_device);
     let optimizer = build_optimizer(&config.optimizer, &model);
     let matmul_params = model.matmul_params();
-    let mut learner = Learner { config: config.clone(), device: train_device, model, optimizer };
+    let mut learner = Learner { config: config.clone(), device: train_device, model, optimizer, policy: None };
 
     let steps = WARMUP_STEPS + options.timed_steps.max(1);
     let n_tokens = steps * learner.samples_per_step() as usize * (gpt.context_length + 1) + gpt.context_length + 1;
@@ -144,4 +144,142 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
         tokens_per_step,
         matmul_size,
     })
+}
+
+/// `polyburn bench generate` results: the same batch decoded with the KV cache and by full
+/// recomputation, in one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBenchReport {
+    pub device: String,
+    pub prompts: usize,
+    pub replies_per_prompt: usize,
+    pub new_tokens: usize,
+    pub kv_cache_tokens_per_sec: f64,
+    pub recompute_tokens_per_sec: f64,
+    pub speedup: f64,
+    /// Both decodings produced the same greedy tokens.
+    pub outputs_match: bool,
+}
+
+impl fmt::Display for GenerateBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "polyburn bench generate ({}): {} prompts × {} replies × {} new tokens",
+            self.device, self.prompts, self.replies_per_prompt, self.new_tokens
+        )?;
+        writeln!(f, "  KV cache    {:>10.1} tokens/s", self.kv_cache_tokens_per_sec)?;
+        writeln!(f, "  recompute   {:>10.1} tokens/s", self.recompute_tokens_per_sec)?;
+        write!(f, "  speedup     {:>10.2}x (same greedy tokens: {})", self.speedup, self.outputs_match)
+    }
+}
+
+/// Decodes `prompts × replies` sequences of `new_tokens` greedy tokens from a randomly
+/// initialised model of `config`'s shape, once with the KV cache and once recomputing.
+/// Prompts have different lengths (8 to 8 + 4·prompts tokens).
+pub fn bench_generate(config: &Config, prompts: usize, replies: usize, new_tokens: usize) -> Result<GenerateBenchReport> {
+    use crate::generate::{Decoding, SamplingOptions, generate_batch};
+    let vocab = config.model.vocab_size.unwrap_or(8192);
+    let gpt = crate::model::GptConfig::from_model_config(&config.model, vocab, 1);
+    let device = device_from_name(&config.run.device)?;
+    let model = init_model(&gpt, config.run.seed, &device);
+    let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::Sampling, u64::MAX));
+    let batch: Vec<Vec<u32>> =
+        (0..prompts).map(|i| (0..8 + 4 * i).map(|_| rng.below(vocab as u64) as u32).collect()).collect();
+    // Greedy, no stop token: every sequence decodes exactly `new_tokens`, so both sides do
+    // the same work and must agree token for token.
+    let options = SamplingOptions { temperature: 0.0, max_new_tokens: new_tokens, stop_token: None, ..Default::default() };
+    let context = crate::model::ForwardContext::default();
+    let run = |decoding| -> Result<(f64, Vec<Vec<Vec<u32>>>)> {
+        let start = Instant::now();
+        let out = generate_batch(&model, &batch, replies, &options, &context, decoding, &device)?;
+        Ok((start.elapsed().as_secs_f64(), out))
+    };
+    run(Decoding::KvCache)?; // warm-up
+    let (cached_secs, cached) = run(Decoding::KvCache)?;
+    let (recompute_secs, recomputed) = run(Decoding::Recompute)?;
+    let tokens = (prompts * replies * new_tokens) as f64;
+    Ok(GenerateBenchReport {
+        device: config.run.device.clone(),
+        prompts,
+        replies_per_prompt: replies,
+        new_tokens,
+        kv_cache_tokens_per_sec: tokens / cached_secs,
+        recompute_tokens_per_sec: tokens / recompute_secs,
+        speedup: recompute_secs / cached_secs,
+        outputs_match: cached == recomputed,
+    })
+}
+
+/// `polyburn bench polychromic` results: median milliseconds of each part of a sampling step.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolychromicBenchReport {
+    pub objective: String,
+    pub steps: usize,
+    pub step_ms: f64,
+    /// Median ms per part: generate, encode, diversity, forward, backward.
+    pub parts_ms: std::collections::BTreeMap<String, f64>,
+    /// Share of the step spent generating.
+    pub generate_share: f64,
+}
+
+impl fmt::Display for PolychromicBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "polyburn bench polychromic ({}, median of {} steps)", self.objective, self.steps)?;
+        for part in ["generate", "encode", "diversity", "forward", "backward"] {
+            if let Some(ms) = self.parts_ms.get(part) {
+                writeln!(f, "  {part:<10} {ms:>9.1} ms  ({:>4.1} %)", 100.0 * ms / self.step_ms)?;
+            }
+        }
+        write!(f, "  step       {:>9.1} ms  (generation {:.1} % of the step)", self.step_ms, 100.0 * self.generate_share)
+    }
+}
+
+/// Times optimizer steps of `config`'s sampling objective (from its first sampling step, on its
+/// own data, from a fresh model) and splits them into their parts.
+pub fn bench_polychromic(config: &Config, timed_steps: usize) -> Result<PolychromicBenchReport> {
+    const WARMUP_STEPS: usize = 1;
+    if !config.objective.kind.samples() {
+        anyhow::bail!("objective.type: `bench polychromic` needs a sampling objective (polychromic_rl, polychromic_regularized or grpo)");
+    }
+    let dir = tempfile_dir()?;
+    let data = crate::data::prepare(config, &dir)?;
+    let train_device = device_from_name(&config.run.device)?.autodiff();
+    let (_, model) = crate::train::trainer::build_model(config, data.tokenizer.vocab_size(), &train_device)?;
+    let optimizer = build_optimizer(&config.optimizer, &model);
+    let policy = Some(crate::train::polychromic::PolicyTools::new(config, data.tokenizer.clone())?);
+    let mut learner = Learner { config: config.clone(), device: train_device, model, optimizer, policy };
+    let mut source = data.train;
+    let first_step = config.objective.sft_steps as u64;
+    let mut steps = Vec::new();
+    let mut parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for i in 0..WARMUP_STEPS + timed_steps.max(1) {
+        let start = Instant::now();
+        let stats = learner.step(&mut source, first_step + i as u64)?;
+        if i >= WARMUP_STEPS {
+            steps.push(start.elapsed().as_secs_f64() * 1e3);
+            for (name, value) in stats.metrics {
+                if let Some(part) = name.strip_prefix("perf/").and_then(|n| n.strip_suffix("_ms")) {
+                    parts.entry(part.to_string()).or_default().push(value);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let step_ms = median(steps.clone());
+    let parts_ms: std::collections::BTreeMap<String, f64> = parts.into_iter().map(|(k, v)| (k, median(v))).collect();
+    Ok(PolychromicBenchReport {
+        objective: serde_yaml::to_string(&config.objective.kind)?.trim().to_string(),
+        steps: steps.len(),
+        step_ms,
+        generate_share: parts_ms.get("generate").copied().unwrap_or(0.0) / step_ms,
+        parts_ms,
+    })
+}
+
+/// A scratch directory for the tokenizer `data::prepare` writes.
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("polyburn-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

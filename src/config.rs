@@ -54,6 +54,125 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     /// LoRA fine-tuning: only the adapters train; absent = full training.
     pub lora: Option<LoraConfig>,
+    /// What the optimizer minimises: cross-entropy, or a sampling objective.
+    pub objective: ObjectiveConfig,
+}
+
+/// `objective.type`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectiveType {
+    /// Cross-entropy on the reference reply (or the text).
+    #[default]
+    Sft,
+    /// `CE − λ · D_θ`: D_θ is the semantic diversity of the policy's own mean-pooled hidden
+    /// states of its N sampled replies (differentiable).
+    PolychromicRegularized,
+    /// Set-level policy gradient: M sets of N replies per prompt, set score
+    /// `mean reward × diversity`, advantage against the other sets.
+    PolychromicRl,
+    /// Group-relative policy gradient: per-reply reward normalised within the prompt's group.
+    Grpo,
+}
+
+impl ObjectiveType {
+    /// Whether the objective samples replies from the policy.
+    pub fn samples(self) -> bool {
+        self != ObjectiveType::Sft
+    }
+}
+
+/// A reward function (`objective.rewards[i].type`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// ROUGE-L F1 (over words) to the record's reference reply.
+    RougeL,
+    /// 1 inside `[min_chars, max_chars]`, else 0.
+    Length,
+    /// 1 when the reply is one of the record's `answers` (or its `reply`), else 0.
+    Verifier,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardConfig {
+    #[serde(rename = "type")]
+    pub kind: RewardKind,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_chars: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_chars: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// How replies are sampled during training (`objective.sampling`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, max_new_tokens: 32 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveConfig {
+    #[serde(rename = "type")]
+    pub kind: ObjectiveType,
+    /// The first `sft_steps` optimizer steps train with `sft` (a shared warm start).
+    pub sft_steps: usize,
+    /// N: replies sampled per prompt (per set for `polychromic_rl`).
+    pub n_samples: usize,
+    /// M: sets per prompt for `polychromic_rl`. `grpo` samples `n_sets × n_samples` replies
+    /// per prompt as one group, so both draw the same number of replies.
+    pub n_sets: usize,
+    /// λ of `polychromic_regularized`.
+    pub lambda: f64,
+    /// The set diversity of `polychromic_rl`: semantic, distinct_2, self_bleu or lcs.
+    pub diversity: crate::diversity::DiversityMetric,
+    /// Sentence encoder for semantic diversity: hub id (through the HF cache) or folder.
+    pub encoder: String,
+    /// Divide advantages by their standard deviation (within the group / across sets).
+    pub normalize_advantage: bool,
+    /// PPO clipping range ε of the ratio to the sampling policy; 0 turns clipping off.
+    pub ppo_clip: f64,
+    /// β of the KL penalty to the initial policy (the model when sampling starts); 0 = off.
+    pub kl_beta: f64,
+    pub sampling: SamplingConfig,
+    /// Weighted sum of these rewards scores each reply.
+    pub rewards: Vec<RewardConfig>,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        Self {
+            kind: ObjectiveType::Sft,
+            sft_steps: 0,
+            n_samples: 8,
+            n_sets: 4,
+            lambda: 0.1,
+            diversity: crate::diversity::DiversityMetric::Semantic,
+            encoder: crate::model::encoder::DEFAULT_ENCODER.into(),
+            normalize_advantage: true,
+            ppo_clip: 0.2,
+            kl_beta: 0.0,
+            sampling: SamplingConfig::default(),
+            rewards: vec![RewardConfig { kind: RewardKind::Verifier, weight: 1.0, min_chars: None, max_chars: None }],
+        }
+    }
 }
 
 /// A projection LoRA can adapt (`lora.target_modules`).
@@ -447,6 +566,39 @@ impl Config {
         check(t.eval_batches > 0, "training.eval_batches", "must be > 0");
         check(t.log_every > 0, "training.log_every", "must be > 0");
         check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0");
+        let ob = &self.objective;
+        if ob.kind.samples() {
+            check(ob.n_samples >= 2, "objective.n_samples", "must be >= 2 (diversity and group baselines need pairs)");
+            check(
+                ob.kind != ObjectiveType::PolychromicRl || ob.n_sets >= 2,
+                "objective.n_sets",
+                "must be >= 2 (a set's advantage is relative to the other sets)",
+            );
+            check(
+                t.grad_accum_steps == 1,
+                "training.grad_accum_steps",
+                "must be 1 for sampling objectives (a step's prompts are sampled and scored together)",
+            );
+            check(ob.sft_steps < t.max_steps, "objective.sft_steps", "must be < training.max_steps");
+            check(ob.sampling.max_new_tokens > 0, "objective.sampling.max_new_tokens", "must be > 0");
+            check(ob.sampling.temperature > 0.0, "objective.sampling.temperature", "must be > 0 (replies are sampled)");
+            check(ob.sampling.top_p > 0.0 && ob.sampling.top_p <= 1.0, "objective.sampling.top_p", "must be in (0, 1]");
+        }
+        check(ob.lambda >= 0.0 && ob.lambda.is_finite(), "objective.lambda", "must be >= 0");
+        check(ob.ppo_clip >= 0.0, "objective.ppo_clip", "must be >= 0 (0 turns clipping off)");
+        check(ob.kl_beta >= 0.0, "objective.kl_beta", "must be >= 0");
+        check(!ob.rewards.is_empty(), "objective.rewards", "must list at least one reward");
+        for (i, r) in ob.rewards.iter().enumerate() {
+            let at = format!("objective.rewards[{i}]");
+            check(r.weight.is_finite(), &format!("{at}.weight"), "must be finite");
+            let window = r.kind == RewardKind::Length;
+            check(
+                !window || matches!((r.min_chars, r.max_chars), (Some(a), Some(b)) if a <= b),
+                &at,
+                "a length reward needs min_chars <= max_chars",
+            );
+            check(window || (r.min_chars.is_none() && r.max_chars.is_none()), &at, "min_chars/max_chars belong to a length reward");
+        }
         if errors.is_empty() { Ok(()) } else { Err(ConfigErrors(errors)) }
     }
 

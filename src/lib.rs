@@ -4,6 +4,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod diversity;
+pub mod eval;
 pub mod model;
 pub mod rng;
 pub mod train;

@@ -43,6 +43,31 @@ enum Command {
     },
     /// Generate text from a trained run.
     Generate(GenerateArgs),
+    /// Score a run on its held-out prompts: pass@k, coverage@k, diversity, reward.
+    Eval {
+        #[arg(long)]
+        run: PathBuf,
+        /// The k of pass@k and coverage@k (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,5,10")]
+        k: Vec<usize>,
+        /// Replies sampled per prompt.
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+        /// Print one JSON object instead of the markdown report.
+        #[arg(long)]
+        json: bool,
+        /// Use this checkpoint step instead of the latest.
+        #[arg(long)]
+        step: Option<u64>,
+        /// Sentence encoder for semantic diversity (hub id or folder), or `none` to skip it.
+        #[arg(long, default_value = polyburn::model::encoder::DEFAULT_ENCODER)]
+        encoder: String,
+        /// Sampling temperature (default: the run's objective.sampling.temperature).
+        #[arg(long)]
+        temperature: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Print sentence embeddings, one JSON object per text: `{"text": ..., "embedding": [...]}`.
     /// Reads one text per line from stdin when neither --text nor --file is given.
     Embed {
@@ -190,6 +215,35 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Batched generation with the KV cache vs full recomputation, in one run.
+    Generate {
+        #[arg(long, default_value = "configs/bench.yaml")]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value_t = 8)]
+        prompts: usize,
+        /// Replies per prompt.
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Milliseconds per sampling-objective step, split into generate / encode / diversity /
+    /// forward / backward.
+    Polychromic {
+        #[arg(long, default_value = "configs/polychromic_base.yaml")]
+        config: PathBuf,
+        /// Override a config field (the default objective is `polychromic_rl` with semantic diversity).
+        #[arg(long = "set", value_name = "FIELD=VALUE")]
+        overrides: Vec<String>,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -232,6 +286,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Generate(args) => generate_command(args),
         Command::Embed { model, text, file } => embed_command(&model, text, file),
+        Command::Eval { run, k, samples, json, step, encoder, temperature, seed } => {
+            let options = polyburn::eval::EvalOptions {
+                k,
+                samples,
+                step,
+                encoder: (encoder != "none").then_some(encoder),
+                temperature,
+                seed,
+            };
+            let report = polyburn::eval::evaluate_run(&run, &options)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.markdown(&run));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Export { run, out, step, merge } => {
             let r = load_checkpointed_model(&run, step)?;
             match (&r.config.lora, merge) {
@@ -282,14 +353,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench { command: BenchCommand::Train { config, overrides, steps, json } } => {
             let config = Config::load(&config, &overrides)?;
             let report = bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("{report}");
-            }
-            Ok(ExitCode::SUCCESS)
+            print_report(&report, json)
+        }
+        Command::Bench { command: BenchCommand::Generate { config, overrides, prompts, n, max_new_tokens, json } } => {
+            let config = Config::load(&config, &overrides)?;
+            print_report(&bench::bench_generate(&config, prompts, n, max_new_tokens)?, json)
+        }
+        Command::Bench { command: BenchCommand::Polychromic { config, overrides, steps, json } } => {
+            let mut sets = vec!["objective.type=polychromic_rl".to_string(), "objective.diversity=semantic".to_string()];
+            sets.extend(overrides);
+            let config = Config::load(&config, &sets)?;
+            print_report(&bench::bench_polychromic(&config, steps)?, json)
         }
     }
+}
+
+fn print_report<R: serde::Serialize + std::fmt::Display>(report: &R, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn train_and_report(config: Config, resume: bool, run: &RunArgs) -> Result<ExitCode> {

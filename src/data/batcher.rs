@@ -3,7 +3,7 @@
 
 use anyhow::{Result, bail};
 
-use super::corpus::TokenCorpus;
+use super::corpus::{Example, TokenCorpus};
 use crate::rng::{Stream, derive_seed, permutation};
 
 /// One micro-batch as flat row-major buffers of shape `[batch_size, seq_len]`.
@@ -120,6 +120,25 @@ impl SampleSource {
         }
     }
 
+    /// The `index`-th example of the (endless, epoch-after-epoch) stream, for objectives that
+    /// sample replies to its prompt; `None` for plain text.
+    pub fn example(&mut self, index: u64) -> Option<Example> {
+        let DataCursor { epoch, position, .. } = self.cursor(index);
+        let slot = self.order(epoch)[position as usize];
+        match &self.corpus {
+            TokenCorpus::Examples(examples) => Some(examples[slot].clone()),
+            TokenCorpus::Stream(_) => None,
+        }
+    }
+
+    /// All examples in file order (empty for plain text).
+    pub fn examples(&self) -> &[Example] {
+        match &self.corpus {
+            TokenCorpus::Examples(examples) => examples,
+            TokenCorpus::Stream(_) => &[],
+        }
+    }
+
     /// `batch_size` consecutive samples starting at global sample index `first`.
     pub fn batch(&mut self, first: u64, batch_size: usize) -> Batch {
         let samples: Vec<(Vec<u32>, usize)> = (0..batch_size as u64).map(|i| self.sample(first + i)).collect();
@@ -147,7 +166,6 @@ impl SampleSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::corpus::Example;
 
     #[test]
     fn windows_are_shifted_targets_and_reproducible() {
@@ -174,7 +192,7 @@ mod tests {
 
     #[test]
     fn prompt_positions_carry_no_loss_and_padding_is_masked() {
-        let ex = |p: Vec<u32>, r: Vec<u32>| Example { loss_from: p.len(), tokens: [p, r].concat() };
+        let ex = |p: Vec<u32>, r: Vec<u32>| Example { loss_from: p.len(), tokens: [p, r].concat(), record: None };
         let corpus = TokenCorpus::Examples(vec![ex(vec![1, 2, 3], vec![4, 5]), ex(vec![6], vec![7])]);
         let mut s = SampleSource::new(corpus, 16, 0, false).unwrap();
         let b = s.batch(0, 2);
@@ -188,7 +206,7 @@ mod tests {
 
     #[test]
     fn long_examples_keep_the_reply() {
-        let corpus = TokenCorpus::Examples(vec![Example { tokens: (0..20).collect(), loss_from: 15 }]);
+        let corpus = TokenCorpus::Examples(vec![Example { tokens: (0..20).collect(), loss_from: 15, record: None }]);
         let mut s = SampleSource::new(corpus, 8, 0, false).unwrap();
         let b = s.batch(0, 1);
         assert_eq!(b.targets.last(), Some(&19));

@@ -14,6 +14,10 @@ use crate::rng::{Stream, derive_seed, permutation};
 pub struct PromptReply {
     pub prompt: String,
     pub reply: String,
+    /// Every reply a verifier accepts (tasks with many right answers); empty means only
+    /// `reply` is right.
+    #[serde(default)]
+    pub answers: Vec<String>,
 }
 
 /// JSONL records read from one file, with how many bad lines were skipped.
@@ -64,6 +68,15 @@ pub struct Example {
     pub tokens: Vec<u32>,
     /// Tokens before this index (the prompt) are context only: no loss on predicting them.
     pub loss_from: usize,
+    /// The JSONL record it came from (rewards and evaluation need its texts).
+    pub record: Option<std::sync::Arc<PromptReply>>,
+}
+
+impl Example {
+    /// The prompt's tokens.
+    pub fn prompt_tokens(&self) -> &[u32] {
+        &self.tokens[..self.loss_from]
+    }
 }
 
 /// A tokenized corpus, ready for batching.
@@ -162,7 +175,7 @@ mod tests {
     #[test]
     fn example_split_is_disjoint_seeded_and_complete() {
         let examples: Vec<Example> =
-            (0..200).map(|i| Example { tokens: vec![i], loss_from: 0 }).collect();
+            (0..200).map(|i| Example { tokens: vec![i], loss_from: 0, record: None }).collect();
         let run = |seed| match split(TokenCorpus::Examples(examples.clone()), 0.25, seed).unwrap() {
             (TokenCorpus::Examples(t), TokenCorpus::Examples(v)) => (t, v),
             _ => panic!(),

@@ -58,7 +58,7 @@ impl RawCorpus {
                         let mut tokens = prompt.clone();
                         tokens.extend(tok.encode(&r.reply)?);
                         tokens.push(eos);
-                        Ok(Example { loss_from: prompt.len(), tokens })
+                        Ok(Example { loss_from: prompt.len(), tokens, record: Some(std::sync::Arc::new(r.clone())) })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(TokenCorpus::Examples(examples))

@@ -25,6 +25,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.yaml";
+/// The initial policy a KL penalty measures against (sampling objectives with `kl_beta > 0`).
+pub const REFERENCE_MODEL_FILE: &str = "reference_model.safetensors";
 /// safetensors metadata key holding `{tensor name: ParamId}`.
 const PARAM_IDS_KEY: &str = "polyburn.param_ids";
 

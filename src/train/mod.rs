@@ -4,6 +4,8 @@ pub mod checkpoint;
 pub mod logging;
 pub mod objective;
 pub mod optim;
+pub mod polychromic;
+pub mod reward;
 pub mod trainer;
 
 use std::sync::atomic::{AtomicBool, Ordering};

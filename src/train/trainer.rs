@@ -10,9 +10,10 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Device;
 use serde_json::json;
 
-use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainerState};
+use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, REFERENCE_MODEL_FILE, STATE_FILE, TrainerState};
 use super::logging::RunLogger;
 use super::objective::{BatchTensors, sft_loss};
+use super::polychromic::{PolicyTools, sampling_loss};
 use super::optim::{GradientSum, build_optimizer, learning_rate};
 use crate::config::Config;
 use crate::data::{self, PreparedData, SampleSource};
@@ -103,7 +104,7 @@ pub fn init_model(gpt: &GptConfig, seed: u64, device: &Device) -> Gpt {
 }
 
 /// What one optimizer step measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
     /// Mean loss over the step's micro-batches.
     pub loss: f64,
@@ -112,6 +113,8 @@ pub struct StepStats {
     pub learning_rate: f64,
     /// Input tokens processed (padding included).
     pub tokens: usize,
+    /// Objective-specific measurements (`train/reward_mean`, `perf/generate_ms`, ...).
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 /// The model and its optimizer: one optimizer step at a time. Shared by the training loop
@@ -121,6 +124,8 @@ pub struct Learner {
     pub device: Device,
     pub model: Gpt,
     pub optimizer: ModuleOptimizer,
+    /// Rewards, tokenizer, encoder and reference policy of sampling objectives.
+    pub policy: Option<PolicyTools>,
 }
 
 impl Learner {
@@ -138,17 +143,32 @@ impl Learner {
         let mut sum = GradientSum::default();
         let mut loss_total = 0.0;
         let mut tokens = 0;
+        let mut metrics = Vec::new();
+        let sampling = self.config.objective.kind.samples() && step >= self.config.objective.sft_steps as u64;
         for micro in 0..t.grad_accum_steps {
-            let batch = source.batch(first_sample + (micro * t.batch_size) as u64, t.batch_size);
-            tokens += batch.batch_size * batch.seq_len;
-            let batch = BatchTensors::new(&batch, &self.device);
-            let loss = sft_loss(&self.model, &batch, step);
+            let first = first_sample + (micro * t.batch_size) as u64;
+            let loss = if sampling {
+                let policy = self.policy.as_mut().context("sampling objective without its tools")?;
+                let out = sampling_loss(&self.config, &self.model, policy, source, first, step, &self.device)?;
+                metrics.extend(out.stats.metrics);
+                tokens += out.tokens;
+                out.loss
+            } else {
+                let batch = source.batch(first, t.batch_size);
+                tokens += batch.batch_size * batch.seq_len;
+                sft_loss(&self.model, &BatchTensors::new(&batch, &self.device), step)
+            };
             let value = loss.clone().into_scalar::<f32>() as f64;
             if !value.is_finite() {
                 bail!("non-finite loss ({value}) at step {}", step + 1);
             }
             loss_total += value;
-            sum.add(&self.model, GradientsParams::from_grads(loss.backward(), &self.model));
+            let started = Instant::now();
+            let grads = loss.backward();
+            if sampling {
+                metrics.push(("perf/backward_ms", started.elapsed().as_secs_f64() * 1e3));
+            }
+            sum.add(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
         let grads = sum.finish(&self.model, self.config.optimizer.max_grad_norm);
         if !grads.grad_norm.is_finite() {
@@ -161,6 +181,7 @@ impl Learner {
             grad_norm: grads.grad_norm,
             learning_rate,
             tokens,
+            metrics,
         })
     }
 }
@@ -227,7 +248,18 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
 
     let max_steps = config.training.max_steps as u64;
     let logger = Some(RunLogger::open(&run_dir, state.global_step, max_steps, options.quiet)?);
-    let learner = Learner { config, device, model, optimizer };
+    let policy = if config.objective.kind.samples() {
+        let mut tools = PolicyTools::new(&config, data.tokenizer.clone())?;
+        if let Some(ckpt) = latest.as_ref().filter(|c| c.dir.join(REFERENCE_MODEL_FILE).exists()) {
+            let inner = device.clone().inner();
+            let (_, fresh) = build_model(&config, data.tokenizer.vocab_size(), &inner)?;
+            tools.reference = Some(checkpoint::load_weights(fresh, &ckpt.dir.join(REFERENCE_MODEL_FILE), checkpoint::Saved::All)?);
+        }
+        Some(tools)
+    } else {
+        None
+    };
+    let learner = Learner { config, device, model, optimizer, policy };
     let mut run = Loop { learner, run_dir, data, state, logger };
     run.announce(latest.as_ref().map(|c| c.step), &gpt);
     run.run(options.stop_at_step)
@@ -283,7 +315,7 @@ impl Loop {
             }
             let step = self.state.global_step;
             let started = Instant::now();
-            let StepStats { loss, grad_norm, learning_rate: lr, tokens } =
+            let StepStats { loss, grad_norm, learning_rate: lr, tokens, metrics } =
                 self.learner.step(&mut self.data.train, step).map_err(|e| {
                     e.context(format!(
                         "stopping without writing a checkpoint; the last good one is kept. Lower \
@@ -319,6 +351,10 @@ impl Loop {
                 }
                 if !alphas.is_empty() {
                     record["alpha"] = json!(alphas);
+                }
+                for (name, value) in &metrics {
+                    logger.scalar(name, *value, done);
+                    record[*name] = json!(value);
                 }
                 logger.record(record)?;
                 logger.progress(done, max_steps, &format!("loss {loss:.4}  {tokens_per_sec:.0} tok/s"));
@@ -376,8 +412,12 @@ impl Loop {
         let (model, optimizer) = (&self.learner.model, &self.learner.optimizer);
         let keep_last = self.learner.config.checkpoint.keep_last;
         let saved = saved_weights(&self.learner.config);
+        let reference = self.learner.policy.as_ref().and_then(|p| p.reference.as_ref());
         checkpoint::write_checkpoint(&self.run_dir, self.state.global_step, keep_last, |dir| {
             checkpoint::save_weights(model, &dir.join(MODEL_FILE), saved)?;
+            if let Some(reference) = reference {
+                checkpoint::save_weights(reference, &dir.join(REFERENCE_MODEL_FILE), checkpoint::Saved::All)?;
+            }
             optimizer
                 .save(dir.join(OPTIMIZER_FILE))
                 .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
