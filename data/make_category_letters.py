@@ -22,6 +22,19 @@ WORDS = {
     "name": "alice anna adam amy bob ben bella carl cara chris dan dave diana emma eric ella frank fred fiona grace "
     "gus gina henry hugo hanna ivan iris ida jack jane john kate kim kyle leo lily luke mary max mia nick nina noah "
     "olga oscar owen paul pete rose ryan ruby sam sara sean tom tina ted",
+    "city": "amsterdam athens atlanta austin berlin boston bangkok bristol cairo chicago cologne dallas delhi denver "
+    "dublin geneva genoa glasgow hamburg havana houston kyoto kabul kiev lagos leeds lima lisbon london madrid miami "
+    "milan moscow munich naples nice oslo ottawa paris perth prague rome riga seoul sydney seattle tokyo toronto turin "
+    "venice vienna warsaw",
+    "job": "actor artist author baker banker barber builder butcher carpenter chef clerk cook coach dancer dentist "
+    "designer doctor driver editor engineer farmer fireman gardener guard judge lawyer manager mechanic miner nurse "
+    "painter pilot plumber poet police porter priest sailor singer soldier surgeon tailor teacher tutor waiter writer",
+    "body": "ankle arm back belly brain brow cheek chest chin ear elbow eye face finger foot hand head heart heel hip "
+    "jaw knee leg lip liver lung mouth nail neck nose palm rib scalp shin skin skull spine thigh thumb toe tongue "
+    "tooth waist wrist",
+    "sport": "archery badminton baseball basketball boxing bowling chess cricket cycling darts diving fencing football "
+    "golf gymnastics hockey hurling judo karate rowing rugby running sailing skating skiing soccer squash surfing "
+    "swimming tennis volleyball wrestling",
 }
 
 rng = random.Random(7)

@@ -209,6 +209,12 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     let device = device_from_name(&config.run.device)?.autodiff();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let data = data::prepare(&config, &run_dir)?;
+    if config.objective.kind.samples() && data.train.examples().is_empty() {
+        bail!(
+            "objective.type: sampling objectives need prompt/reply JSONL data; {} is plain text",
+            config.data.train.as_ref().map_or(String::new(), |p| p.display().to_string())
+        );
+    }
     let (gpt, mut model) = build_model(&config, data.tokenizer.vocab_size(), &device)?;
     // The saved config is fully resolved: what the tokenizer, defaults (and a pretrained
     // model) decided is written out.
