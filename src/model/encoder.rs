@@ -172,13 +172,25 @@ impl SentenceEncoder {
         Ok(Self { model, tokenizer, device: device.clone(), dim: c.hidden_size })
     }
 
-    /// One L2-normalised embedding per text.
+    /// One L2-normalised embedding per text. Repeated texts (common among sampled replies)
+    /// are encoded once.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(ENCODE_BATCH) {
-            out.extend(self.embed_batch(chunk)?);
+        let mut slot_of: HashMap<&str, usize> = HashMap::new();
+        let mut unique: Vec<&str> = Vec::new();
+        let slots: Vec<usize> = texts
+            .iter()
+            .map(|&t| {
+                *slot_of.entry(t).or_insert_with(|| {
+                    unique.push(t);
+                    unique.len() - 1
+                })
+            })
+            .collect();
+        let mut embedded = Vec::with_capacity(unique.len());
+        for chunk in unique.chunks(ENCODE_BATCH) {
+            embedded.extend(self.embed_batch(chunk)?);
         }
-        Ok(out)
+        Ok(slots.into_iter().map(|s| embedded[s].clone()).collect())
     }
 
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
