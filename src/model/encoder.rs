@@ -64,12 +64,12 @@ struct BertLayer {
 }
 
 impl BertLayer {
-    fn forward(&self, x: Tensor<3>, padding: Tensor<4, Bool>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, padding: Tensor<2, Bool>) -> Tensor<3> {
         let [batch, seq, width] = x.dims();
         let head_dim = width / self.heads;
         let split = |t: Tensor<3>| t.reshape([batch, seq, self.heads, head_dim]).swap_dims(1, 2);
         let (q, k, v) = (split(self.query.forward(x.clone())), split(self.key.forward(x.clone())), split(self.value.forward(x.clone())));
-        let options = AttentionOptions { causal: false, mask: Some(padding) };
+        let options = AttentionOptions { causal: false, key_padding: Some(padding), mask: None };
         let context = attention(q, k, v, options, AttentionImpl::Reference).swap_dims(1, 2).reshape([batch, seq, width]);
         let x = self.attention_norm.forward(x + self.attention_out.forward(context));
         let h = gelu(self.intermediate.forward(x.clone()));
@@ -122,7 +122,7 @@ impl Bert {
             + self.position_embeddings.forward(positions)
             + self.token_type_embeddings.forward(types);
         let mut x = self.embedding_norm.forward(x);
-        let padding = mask.equal_elem(0.0).reshape([batch, 1, 1, seq]);
+        let padding = mask.equal_elem(0.0);
         for layer in &self.layers {
             x = layer.forward(x, padding.clone());
         }

@@ -351,7 +351,7 @@ impl SelfAttention {
             k = repeat(k);
             v = repeat(v);
         }
-        let options = AttentionOptions { causal: mask.is_none(), mask };
+        let options = AttentionOptions { causal: mask.is_none(), key_padding: None, mask };
         let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
         adapted(self.out.forward(y.clone()), &self.lora_o, &y)
     }

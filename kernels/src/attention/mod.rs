@@ -1,19 +1,29 @@
 //! Scaled dot-product attention over `[batch, heads, seq, head_dim]`.
 //!
-//! Every model in polyburn calls [`attention`], so a faster implementation can be swapped in
-//! behind [`AttentionImpl`] without touching model code.
+//! Every model in polyburn calls [`attention`], so the implementation is chosen per call:
+//! the reference (plain tensor ops, the definition) or the fused flash attention, a custom
+//! Burn op ([`FlashAttentionBackend`]) with its own backward that never materialises the
+//! `[Tq, Tk]` score matrix.
 
+mod backward;
+mod cpu;
 mod reference;
 
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Bool, Tensor};
+pub use cpu::{FlashShape, flash_backward, flash_forward};
 pub use reference::attention_reference;
 
 /// Which implementation computes attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
     /// Plain tensor ops: scores, mask, softmax, weighted sum.
     #[default]
     Reference,
+    /// Flash attention: tiled online softmax forward, FlashAttention-2 backward.
+    Fused,
 }
 
 /// Options shared by every implementation.
@@ -22,19 +32,76 @@ pub struct AttentionOptions {
     /// Causal masking, bottom-right aligned: query `i` of `Tq` sees keys `j <= i + (Tk - Tq)`,
     /// which is what decoding with a KV cache needs.
     pub causal: bool,
-    /// Optional `[batch, 1 or heads, Tq, Tk]` mask, `true` = masked out (e.g. padding).
+    /// Padded keys, `[batch, Tk]`, `true` = masked out.
+    pub key_padding: Option<Tensor<2, Bool>>,
+    /// Any other `[batch, 1 or heads, Tq, Tk]` mask, `true` = masked out. The fused kernel
+    /// does not take arbitrary masks: a call with one runs the reference.
     pub mask: Option<Tensor<4, Bool>>,
 }
 
+/// Flash attention as a custom op. `key_mask [B, Tk]` is 1.0 for padded keys, 0.0 otherwise.
+/// Query rows that see no key at all output zeros.
+#[backend_extension(Autodiff, Flex)]
+pub trait FlashAttentionBackend: Backend {
+    /// `softmax(q kᵀ · scale) v`, differentiable under Autodiff.
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_mask: FloatTensor<Self>,
+        causal: bool,
+        scale: f32,
+    ) -> FloatTensor<Self>;
+
+    /// Output `[B, H, Tq, D]` and the per-row log-sum-exp `[B, H, Tq]` the backward needs.
+    fn flash_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_mask: FloatTensor<Self>,
+        causal: bool,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(dq, dk, dv)`, recomputing the scores tile by tile.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_mask: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_out: FloatTensor<Self>,
+        causal: bool,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The fused flash attention (differentiable on an autodiff device).
+pub fn flash_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, causal: bool, key_padding: Option<Tensor<2, Bool>>) -> Tensor<4> {
+    let [batch, _, _, head_dim] = q.dims();
+    let tk = k.dims()[2];
+    let key_mask = match key_padding {
+        Some(p) => p.float(),
+        None => Tensor::zeros([batch, tk], &q.device()),
+    };
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let out = <Dispatch as FlashAttentionBackend>::flash_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        key_mask.into_dispatch(),
+        causal,
+        scale,
+    );
+    Tensor::from_dispatch(out)
+}
+
 /// `softmax(q kᵀ / √d) v` with the given masking.
-pub fn attention(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    options: AttentionOptions,
-    implementation: AttentionImpl,
-) -> Tensor<4> {
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: AttentionOptions, implementation: AttentionImpl) -> Tensor<4> {
     match implementation {
-        AttentionImpl::Reference => attention_reference(q, k, v, options),
+        AttentionImpl::Fused if options.mask.is_none() => flash_attention(q, k, v, options.causal, options.key_padding),
+        _ => attention_reference(q, k, v, options),
     }
 }

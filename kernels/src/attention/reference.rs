@@ -17,6 +17,13 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: At
         let future = Tensor::<2, Bool>::tril_mask([tq, tk], tk as i64 - tq as i64, &device);
         mask = Some(future.reshape([1, 1, tq, tk]).expand([batch, heads, tq, tk]));
     }
+    if let Some(padding) = options.key_padding {
+        let padding = padding.reshape([batch, 1, 1, tk]).expand([batch, heads, tq, tk]);
+        mask = Some(match mask {
+            Some(m) => m.bool_or(padding),
+            None => padding,
+        });
+    }
     if let Some(extra) = options.mask {
         let extra = extra.expand([batch, heads, tq, tk]);
         mask = Some(match mask {
@@ -64,7 +71,7 @@ mod tests {
             let (q, k, v) = (rand(tq), rand(tk), rand(tk));
             let vec = |t: &Tensor<4>| t.to_data().try_to_vec::<f32>().unwrap();
             let expected = naive(&vec(&q), &vec(&k), &vec(&v), tq, tk, d, causal);
-            let got = attention_reference(q, k, v, AttentionOptions { causal, mask: None });
+            let got = attention_reference(q, k, v, AttentionOptions { causal, ..Default::default() });
             got.into_data().assert_approx_eq::<f32>(&TensorData::new(expected, [1, 1, tq, d]), Default::default());
         }
     }

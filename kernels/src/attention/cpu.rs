@@ -1,0 +1,315 @@
+//! Flash attention on the CPU (the Flex backend): tiles of queries × keys with an online
+//! softmax, keeping only each row's log-sum-exp; the backward recomputes the scores per tile
+//! (FlashAttention-2). No `[T, T]` buffer exists at any point; work is split over (batch, head)
+//! and query tiles with rayon, and every tile product is a `gemm` call.
+
+use rayon::prelude::*;
+
+/// Query and key rows per tile.
+const TILE: usize = 64;
+
+/// Shapes and masking of one attention call over contiguous `[B, H, T, D]` buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub dim: usize,
+    pub causal: bool,
+    pub scale: f32,
+}
+
+impl FlashShape {
+    /// Keys `j` visible from query `i`: `j <= i + (tk − tq)` when causal (bottom-right aligned).
+    fn last_visible(&self, i: usize) -> usize {
+        if self.causal { (i + self.tk).saturating_sub(self.tq).min(self.tk - 1) } else { self.tk - 1 }
+    }
+
+    fn hidden(&self, i: usize, j: usize, key_mask: &[f32]) -> bool {
+        (self.causal && i + self.tk < j + self.tq) || key_mask[j] != 0.0
+    }
+}
+
+/// `c[m×n] (+)= a[m×k] · b` where `b` is `[k×n]` (`b_transposed`: stored `[n×k]`).
+#[allow(clippy::too_many_arguments)]
+fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, b_transposed: bool, a_transposed: bool, accumulate: bool) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
+    // Row-major strides: (column stride, row stride).
+    let (a_cs, a_rs) = if a_transposed { (m as isize, 1) } else { (1, k as isize) };
+    let (b_cs, b_rs) = if b_transposed { (k as isize, 1) } else { (1, n as isize) };
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Forward: returns `(output [B,H,Tq,D], lse [B,H,Tq])`. `key_mask [B, Tk]`: nonzero = padding.
+/// A query row that sees no key gets output 0 and log-sum-exp −∞.
+pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
+    let FlashShape { batch, heads, tq, tk, dim, .. } = s;
+    let mut out = vec![0f32; batch * heads * tq * dim];
+    let mut lse = vec![f32::NEG_INFINITY; batch * heads * tq];
+    let q_tiles = tq.div_ceil(TILE);
+    // Explicit (bh, tile) work items, each writing its own disjoint rows.
+    let items: Vec<(usize, usize)> = (0..batch * heads).flat_map(|bh| (0..q_tiles).map(move |t| (bh, t))).collect();
+    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = items
+        .into_par_iter()
+        .map(|(bh, t)| {
+            let b = bh / heads;
+            let r0 = t * TILE;
+            let rows = TILE.min(tq - r0);
+            let (o, l) = forward_tile(
+                &q[(bh * tq + r0) * dim..(bh * tq + r0 + rows) * dim],
+                &k[bh * tk * dim..(bh + 1) * tk * dim],
+                &v[bh * tk * dim..(bh + 1) * tk * dim],
+                &key_mask[b * tk..(b + 1) * tk],
+                r0,
+                rows,
+                s,
+            );
+            (bh, r0, o, l)
+        })
+        .collect();
+    for (bh, r0, o, l) in results {
+        let rows = l.len();
+        out[(bh * tq + r0) * dim..(bh * tq + r0 + rows) * dim].copy_from_slice(&o);
+        lse[bh * tq + r0..bh * tq + r0 + rows].copy_from_slice(&l);
+    }
+    (out, lse)
+}
+
+/// One tile of `rows` queries (starting at query `r0`) against all visible keys of one head.
+fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, rows: usize, s: FlashShape) -> (Vec<f32>, Vec<f32>) {
+    let dim = s.dim;
+    let mut acc = vec![0f32; rows * dim];
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0f32; rows];
+    let mut scores = vec![0f32; rows * TILE];
+    let last_key = s.last_visible(r0 + rows - 1);
+    for c0 in (0..=last_key).step_by(TILE) {
+        let cols = TILE.min(s.tk - c0);
+        matmul(&mut scores, q, &k[c0 * dim..(c0 + cols) * dim], rows, cols, dim, true, false, false);
+        for r in 0..rows {
+            let row = &mut scores[r * cols..(r + 1) * cols];
+            let mut row_max = f32::NEG_INFINITY;
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = if s.hidden(r0 + r, c0 + c, key_mask) { f32::NEG_INFINITY } else { *x * s.scale };
+                row_max = row_max.max(*x);
+            }
+            let new_max = max[r].max(row_max);
+            if new_max == f32::NEG_INFINITY {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                continue;
+            }
+            let correction = (max[r] - new_max).exp();
+            let mut row_sum = 0.0;
+            for x in row.iter_mut() {
+                *x = (*x - new_max).exp();
+                row_sum += *x;
+            }
+            sum[r] = sum[r] * correction + row_sum;
+            max[r] = new_max;
+            acc[r * dim..(r + 1) * dim].iter_mut().for_each(|a| *a *= correction);
+        }
+        // acc += P · V_tile
+        matmul(&mut acc, &scores, &v[c0 * dim..(c0 + cols) * dim], rows, dim, cols, false, false, true);
+    }
+    let mut lse = vec![f32::NEG_INFINITY; rows];
+    for r in 0..rows {
+        if sum[r] > 0.0 {
+            let inv = 1.0 / sum[r];
+            acc[r * dim..(r + 1) * dim].iter_mut().for_each(|a| *a *= inv);
+            lse[r] = max[r] + sum[r].ln();
+        }
+    }
+    (acc, lse)
+}
+
+/// Backward: `(dq, dk, dv)` from the forward's inputs, output, log-sum-exp and `d_out`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_mask: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    d_out: &[f32],
+    s: FlashShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let FlashShape { batch, heads, tq, tk, dim, .. } = s;
+    let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let b = bh / heads;
+            let qs = bh * tq * dim..(bh + 1) * tq * dim;
+            let ks = bh * tk * dim..(bh + 1) * tk * dim;
+            backward_head(
+                &q[qs.clone()],
+                &k[ks.clone()],
+                &v[ks],
+                &key_mask[b * tk..(b + 1) * tk],
+                &out[qs.clone()],
+                &lse[bh * tq..(bh + 1) * tq],
+                &d_out[qs],
+                s,
+            )
+        })
+        .collect();
+    let mut dq = Vec::with_capacity(q.len());
+    let mut dk = Vec::with_capacity(k.len());
+    let mut dv = Vec::with_capacity(v.len());
+    for (a, b, c) in per_head {
+        dq.extend(a);
+        dk.extend(b);
+        dv.extend(c);
+    }
+    (dq, dk, dv)
+}
+
+/// One head: for each key tile, every query tile that sees it recomputes `P = exp(S − lse)` and
+/// adds its share to dV, dK (this tile) and dQ (that query tile).
+#[allow(clippy::too_many_arguments)]
+fn backward_head(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], out: &[f32], lse: &[f32], d_out: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let FlashShape { tq, tk, dim, scale, .. } = s;
+    let mut dq = vec![0f32; tq * dim];
+    let mut dk = vec![0f32; tk * dim];
+    let mut dv = vec![0f32; tk * dim];
+    // D_i = rowsum(dO ∘ O).
+    let delta: Vec<f32> = (0..tq).map(|i| (0..dim).map(|c| d_out[i * dim + c] * out[i * dim + c]).sum()).collect();
+    let mut p = vec![0f32; TILE * TILE];
+    let mut dp = vec![0f32; TILE * TILE];
+    for c0 in (0..tk).step_by(TILE) {
+        let cols = TILE.min(tk - c0);
+        let k_tile = &k[c0 * dim..(c0 + cols) * dim];
+        let v_tile = &v[c0 * dim..(c0 + cols) * dim];
+        // The first query that can see key c0.
+        let first_query = if s.causal { (c0 + tq).saturating_sub(tk) } else { 0 };
+        for r0 in (first_query / TILE * TILE..tq).step_by(TILE) {
+            let rows = TILE.min(tq - r0);
+            let q_tile = &q[r0 * dim..(r0 + rows) * dim];
+            let do_tile = &d_out[r0 * dim..(r0 + rows) * dim];
+            matmul(&mut p, q_tile, k_tile, rows, cols, dim, true, false, false);
+            for r in 0..rows {
+                let l = lse[r0 + r];
+                for c in 0..cols {
+                    let x = &mut p[r * cols + c];
+                    *x = if l == f32::NEG_INFINITY || s.hidden(r0 + r, c0 + c, key_mask) { 0.0 } else { (*x * scale - l).exp() };
+                }
+            }
+            // dV_tile += Pᵀ · dO
+            matmul(&mut dv[c0 * dim..(c0 + cols) * dim], &p, do_tile, cols, dim, rows, false, true, true);
+            // dP = dO · V_tileᵀ ; dS = P ∘ (dP − D) · scale
+            matmul(&mut dp, do_tile, v_tile, rows, cols, dim, true, false, false);
+            for r in 0..rows {
+                let d = delta[r0 + r];
+                for c in 0..cols {
+                    dp[r * cols + c] = p[r * cols + c] * (dp[r * cols + c] - d) * scale;
+                }
+            }
+            // dK_tile += dSᵀ · Q ; dQ_tile += dS · K_tile
+            matmul(&mut dk[c0 * dim..(c0 + cols) * dim], &dp, q_tile, cols, dim, rows, false, true, true);
+            matmul(&mut dq[r0 * dim..(r0 + rows) * dim], &dp, k_tile, rows, dim, cols, false, false, true);
+        }
+    }
+    (dq, dk, dv)
+}
+
+mod flex {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::tensor::FloatTensor;
+    use burn::tensor::{DType, TensorData};
+
+    use super::{FlashShape, flash_backward, flash_forward};
+    use crate::attention::FlashAttentionBackend;
+
+    fn values(t: &FlexTensor) -> Vec<f32> {
+        assert_eq!(t.dtype(), DType::F32, "the fused CPU attention computes in f32");
+        let t = t.to_contiguous();
+        t.as_slice::<f32>().expect("contiguous").to_vec()
+    }
+
+    fn shape(q: &FlexTensor, k: &FlexTensor, causal: bool, scale: f32) -> FlashShape {
+        let qs = q.layout().shape();
+        let ks = k.layout().shape();
+        FlashShape { batch: qs[0], heads: qs[1], tq: qs[2], tk: ks[2], dim: qs[3], causal, scale }
+    }
+
+    fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    impl FlashAttentionBackend for Flex {
+        fn flash_attention(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            key_mask: FloatTensor<Self>,
+            causal: bool,
+            scale: f32,
+        ) -> FloatTensor<Self> {
+            Self::flash_attention_forward(q, k, v, key_mask, causal, scale).0
+        }
+
+        fn flash_attention_forward(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            key_mask: FloatTensor<Self>,
+            causal: bool,
+            scale: f32,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let s = shape(&q, &k, causal, scale);
+            let (out, lse) = flash_forward(&values(&q), &values(&k), &values(&v), &values(&key_mask), s);
+            (tensor(out, vec![s.batch, s.heads, s.tq, s.dim]), tensor(lse, vec![s.batch, s.heads, s.tq]))
+        }
+
+        fn flash_attention_backward(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            key_mask: FloatTensor<Self>,
+            out: FloatTensor<Self>,
+            lse: FloatTensor<Self>,
+            d_out: FloatTensor<Self>,
+            causal: bool,
+            scale: f32,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            let s = shape(&q, &k, causal, scale);
+            let (dq, dk, dv) = flash_backward(
+                &values(&q),
+                &values(&k),
+                &values(&v),
+                &values(&key_mask),
+                &values(&out),
+                &values(&lse),
+                &values(&d_out),
+                s,
+            );
+            let (qs, ks) = (vec![s.batch, s.heads, s.tq, s.dim], vec![s.batch, s.heads, s.tk, s.dim]);
+            (tensor(dq, qs), tensor(dk, ks.clone()), tensor(dv, ks))
+        }
+    }
+}
