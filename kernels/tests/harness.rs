@@ -4,6 +4,8 @@
 
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
+use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity, pooled_cosine_diversity};
+use polyburn_kernels::lcs::{LcsImpl, lcs_similarity};
 
 /// `|fused − reference| ≤ atol + rtol · |reference|` element-wise.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +97,86 @@ fn flash_attention_matches_reference_forward_and_gradients() {
     }
 }
 
-#[allow(dead_code)]
-fn _int_tensor_type_check(t: Tensor<2, Int>) -> Tensor<2, Int> {
-    t
+#[test]
+fn pairwise_cosine_diversity_matches_reference_forward_and_gradients() {
+    let tol = Tolerance { atol: 1e-5, rtol: 1e-4 };
+    let mut case = 0u64;
+    for device in devices() {
+        let ad = device.clone().autodiff();
+        for g in [1, 3, 64] {
+            for n in [1, 2, 5, 8] {
+                for d in [1, 3, 384] {
+                    case += 1;
+                    ad.seed(2000 + case);
+                    let e = Tensor::<3>::random([g, n, d], Distribution::Normal(0.0, 1.0), &ad);
+                    let w = Tensor::<1>::random([g], Distribution::Normal(0.0, 1.0), &ad);
+                    let what = format!("{device:?} G={g} N={n} D={d}");
+                    if n == 1 {
+                        // No pairs: defined as 0 (and no gradient to compare).
+                        let fused = values(pairwise_cosine_diversity(e.clone(), DiversityImpl::Fused).inner());
+                        assert_eq!(fused, vec![0.0; g], "{what}");
+                        continue;
+                    }
+                    let run = |implementation| {
+                        forward_and_grads(&[e.clone()], &w, |x| pairwise_cosine_diversity(x[0].clone(), implementation))
+                    };
+                    let (fused, fused_grads) = run(DiversityImpl::Fused);
+                    let (reference, reference_grads) = run(DiversityImpl::Reference);
+                    assert_close(&format!("{what}: diversity"), &fused, &reference, tol);
+                    assert_close(&format!("{what}: gradient"), &fused_grads[0], &reference_grads[0], tol);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn pooled_diversity_of_100k_embeddings_runs_in_linear_memory() {
+    // 50,000 copies of u and 50,000 of −u: ordered pairs of equal vectors have cosine 1,
+    // opposite ones −1, so the mean over the M(M−1) pairs is −1/(M−1) exactly.
+    let m = 100_000;
+    let d = 384;
+    let device = Device::flex();
+    let u: Vec<f32> = (0..d).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+    let rows: Vec<f32> = (0..m).flat_map(|r| u.iter().map(move |x| if r % 2 == 0 { *x } else { -*x })).collect();
+    let e = Tensor::<2>::from_data(TensorData::new(rows, [m, d]), &device);
+    let got = values(pooled_cosine_diversity(e))[0] as f64;
+    let want = 1.0 + 1.0 / (m as f64 - 1.0);
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // And on a size the reference can hold, the pooled value equals the reference's.
+    device.seed(3);
+    let small = Tensor::<2>::random([300, 17], Distribution::Normal(0.0, 1.0), &device);
+    let pooled = values(pooled_cosine_diversity(small.clone()));
+    let reference = values(pairwise_cosine_diversity(small.reshape([1, 300, 17]), DiversityImpl::Reference));
+    assert_close("pooled vs reference", &pooled, &reference, Tolerance { atol: 1e-5, rtol: 1e-4 });
+}
+
+#[test]
+fn lcs_similarity_equals_dynamic_programming_exactly() {
+    let mut case = 0u64;
+    for device in devices() {
+        for l in [1, 7, 16, 63, 64, 65, 130, 257] {
+            for alphabet in [2, 4, 50] {
+                case += 1;
+                let (g, n) = (2, 3);
+                let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ case;
+                let mut next = move |below: u64| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % below) as i64
+                };
+                let tokens: Vec<i64> = (0..g * n * l).map(|_| next(alphabet)).collect();
+                // Lengths from 0 to L: empty and full sequences included.
+                let lengths: Vec<i64> = (0..g * n).map(|i| if i == 0 { 0 } else if i == 1 { l as i64 } else { next(l as u64 + 1) }).collect();
+                let t = Tensor::<3, Int>::from_data(TensorData::new(tokens, [g, n, l]), &device);
+                let len = Tensor::<2, Int>::from_data(TensorData::new(lengths, [g, n]), &device);
+                let ints = |x: Tensor<3, Int>| x.into_data().convert::<i64>().try_into_vec::<i64>().unwrap();
+                let fused = ints(lcs_similarity(t.clone(), len.clone(), LcsImpl::Fused));
+                let reference = ints(lcs_similarity(t, len, LcsImpl::Reference));
+                assert_eq!(fused, reference, "{device:?} L={l} alphabet={alphabet}");
+                assert!(fused.iter().all(|&x| x >= 0));
+            }
+        }
+    }
 }
