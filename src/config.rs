@@ -56,6 +56,42 @@ pub struct Config {
     pub lora: Option<LoraConfig>,
     /// What the optimizer minimises: cross-entropy, or a sampling objective.
     pub objective: ObjectiveConfig,
+    /// Fused or reference implementation of each custom op.
+    pub kernels: KernelsConfig,
+}
+
+/// `kernels`: which implementation of each op the run uses. `fused` ops run on the `flex`
+/// device in this version.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelsConfig {
+    /// Training attention (generation with a KV cache always uses the reference).
+    pub attention: polyburn_kernels::attention::AttentionImpl,
+    /// The policy's own diversity D_θ of `polychromic_regularized`.
+    pub diversity: polyburn_kernels::diversity::DiversityImpl,
+    /// LCS lengths for the `lcs` diversity.
+    pub lcs: polyburn_kernels::lcs::LcsImpl,
+}
+
+impl Default for KernelsConfig {
+    fn default() -> Self {
+        use polyburn_kernels::{attention::AttentionImpl, diversity::DiversityImpl, lcs::LcsImpl};
+        Self { attention: AttentionImpl::Fused, diversity: DiversityImpl::Fused, lcs: LcsImpl::Fused }
+    }
+}
+
+impl KernelsConfig {
+    /// The config fields set to `fused` (they need the flex device).
+    fn fused_fields(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.attention == polyburn_kernels::attention::AttentionImpl::Fused {
+            v.push("kernels.attention");
+        }
+        if self.diversity == polyburn_kernels::diversity::DiversityImpl::Fused {
+            v.push("kernels.diversity");
+        }
+        v
+    }
 }
 
 /// `objective.type`.
@@ -566,6 +602,11 @@ impl Config {
         check(t.eval_batches > 0, "training.eval_batches", "must be > 0");
         check(t.log_every > 0, "training.log_every", "must be > 0");
         check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0");
+        if self.run.device != "flex" {
+            for field in self.kernels.fused_fields() {
+                check(false, field, "`fused` runs on the flex device in this version; set it to `reference` for wgpu/cuda");
+            }
+        }
         let ob = &self.objective;
         if ob.kind.samples() {
             check(ob.n_samples >= 2, "objective.n_samples", "must be >= 2 (diversity and group baselines need pairs)");

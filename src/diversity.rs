@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use anyhow::{Result, bail};
+use polyburn_kernels::lcs::{LcsImpl, lcs_length_bit_parallel, lcs_length_dp};
 
 /// Which diversity a polychromic objective multiplies into its set score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -139,8 +140,16 @@ pub fn lcs_length<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     row[b.len()]
 }
 
-/// `1 − mean over pairs of LCS(a, b) / max(|a|, |b|)`; two empty replies are identical.
-pub fn lcs_diversity<T: PartialEq>(replies: &[Vec<T>]) -> f64 {
+/// `1 − mean over pairs of LCS(a, b) / max(|a|, |b|)` over token ids; two empty replies are
+/// identical. LCS lengths come from the bit-parallel kernel or the dynamic program.
+pub fn lcs_diversity(replies: &[Vec<u32>], implementation: LcsImpl) -> f64 {
+    let lcs = |a: &[u32], b: &[u32]| {
+        let (a, b): (Vec<i64>, Vec<i64>) = (a.iter().map(|&t| t as i64).collect(), b.iter().map(|&t| t as i64).collect());
+        match implementation {
+            LcsImpl::Fused => lcs_length_bit_parallel(&a, &b),
+            LcsImpl::Reference => lcs_length_dp(&a, &b),
+        }
+    };
     let n = replies.len();
     if n < 2 {
         return 0.0;
@@ -149,18 +158,18 @@ pub fn lcs_diversity<T: PartialEq>(replies: &[Vec<T>]) -> f64 {
     for i in 0..n {
         for j in i + 1..n {
             let longer = replies[i].len().max(replies[j].len());
-            total += if longer == 0 { 1.0 } else { lcs_length(&replies[i], &replies[j]) as f64 / longer as f64 };
+            total += if longer == 0 { 1.0 } else { lcs(&replies[i], &replies[j]) as f64 / longer as f64 };
         }
     }
     1.0 - total / (n * (n - 1) / 2) as f64
 }
 
 /// A lexical diversity of token sequences (every metric but `semantic`, which needs an encoder).
-pub fn lexical_diversity<T: Hash + Eq + Clone>(metric: DiversityMetric, replies: &[Vec<T>]) -> Result<f64> {
+pub fn lexical_diversity(metric: DiversityMetric, replies: &[Vec<u32>], lcs: LcsImpl) -> Result<f64> {
     Ok(match metric {
         DiversityMetric::Distinct2 => distinct_n(replies, 2),
         DiversityMetric::SelfBleu => 1.0 - self_bleu(replies),
-        DiversityMetric::Lcs => lcs_diversity(replies),
+        DiversityMetric::Lcs => lcs_diversity(replies, lcs),
         DiversityMetric::Semantic => bail!("semantic diversity needs embeddings from a sentence encoder"),
     })
 }
@@ -210,14 +219,18 @@ mod tests {
     fn self_bleu_and_lcs_diversity_of_identical_and_disjoint_groups() {
         let same = vec![words("one two three four five"); 3];
         assert!((self_bleu(&same) - 1.0).abs() < 1e-12);
-        assert_eq!(lcs_diversity(&same), 0.0);
         let disjoint = vec![words("a b c d"), words("e f g h")];
         assert_eq!(self_bleu(&disjoint), 0.0);
-        assert_eq!(lcs_diversity(&disjoint), 1.0);
         assert_eq!(self_bleu(&[words("alone")]), 1.0);
-        assert_eq!(lcs_diversity(&[words("alone")]), 0.0);
-        assert_eq!(lcs_diversity::<u32>(&[vec![], vec![]]), 0.0);
-        assert_eq!(lcs_diversity::<u32>(&[vec![], vec![1]]), 1.0);
+        for lcs in [LcsImpl::Fused, LcsImpl::Reference] {
+            assert_eq!(lcs_diversity(&vec![vec![1, 2, 3]; 3], lcs), 0.0);
+            assert_eq!(lcs_diversity(&[vec![1, 2, 3, 4], vec![5, 6, 7, 8]], lcs), 1.0);
+            // LCS(1 2 3 4, 2 4 9) = 2 of the longer 4.
+            assert_eq!(lcs_diversity(&[vec![1, 2, 3, 4], vec![2, 4, 9]], lcs), 0.5);
+            assert_eq!(lcs_diversity(&[vec![1]], lcs), 0.0);
+            assert_eq!(lcs_diversity(&[vec![], vec![]], lcs), 0.0);
+            assert_eq!(lcs_diversity(&[vec![], vec![1]], lcs), 1.0);
+        }
     }
 
     #[test]

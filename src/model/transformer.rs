@@ -484,8 +484,14 @@ pub struct ForwardContext {
 }
 
 impl ForwardContext {
+    /// Reference attention at `global_step` (inference and tests).
     pub fn at_step(global_step: u64) -> Self {
         Self { global_step, attention: AttentionImpl::default() }
+    }
+
+    /// What a run's config asks for at `global_step`.
+    pub fn for_run(config: &crate::config::Config, global_step: u64) -> Self {
+        Self { global_step, attention: config.kernels.attention }
     }
 }
 

@@ -36,9 +36,9 @@ pub fn masked_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Te
     (picked * mask).sum().neg().div_scalar(count.max(1) as f64)
 }
 
-/// The `sft` loss of `model` on one batch at the trainer's `global_step`.
-pub fn sft_loss(model: &Gpt, batch: &BatchTensors, global_step: u64) -> Tensor<1> {
-    let logits = model.forward(batch.inputs.clone(), &ForwardContext::at_step(global_step));
+/// The `sft` loss of `model` on one batch (`context`: the trainer's step and kernels).
+pub fn sft_loss(model: &Gpt, batch: &BatchTensors, context: &ForwardContext) -> Tensor<1> {
+    let logits = model.forward(batch.inputs.clone(), context);
     masked_cross_entropy(logits, batch.targets.clone(), batch.loss_mask.clone(), batch.loss_tokens)
 }
 

@@ -13,6 +13,7 @@ use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
+use polyburn_kernels::lcs::LcsImpl;
 
 use super::objective::{BatchTensors, sft_loss};
 use super::reward::Rewards;
@@ -194,7 +195,14 @@ impl PolicyTools {
     }
 
     /// The configured diversity of each group of token sequences (texts for `semantic`).
-    pub fn diversities(&self, metric: DiversityMetric, groups: &[Vec<Vec<u32>>], texts: &[Vec<String>], stats: &mut SamplingStats) -> Result<Vec<f64>> {
+    pub fn diversities(
+        &self,
+        metric: DiversityMetric,
+        lcs: LcsImpl,
+        groups: &[Vec<Vec<u32>>],
+        texts: &[Vec<String>],
+        stats: &mut SamplingStats,
+    ) -> Result<Vec<f64>> {
         if metric == DiversityMetric::Semantic {
             let encoder = self.encoder.as_ref().context("semantic diversity needs objective.encoder")?;
             let flat: Vec<&str> = texts.iter().flatten().map(String::as_str).collect();
@@ -205,7 +213,7 @@ impl PolicyTools {
                 Ok(v)
             }));
         }
-        stats.time("perf/diversity_ms", || groups.iter().map(|g| lexical_diversity(metric, g)).collect())
+        stats.time("perf/diversity_ms", || groups.iter().map(|g| lexical_diversity(metric, g, lcs)).collect())
     }
 }
 
@@ -231,7 +239,7 @@ pub fn sampling_loss(
 ) -> Result<SamplingLoss> {
     let ob = &config.objective;
     let batch_size = config.training.batch_size;
-    let context = ForwardContext::at_step(step);
+    let context = ForwardContext::for_run(config, step);
     let mut stats = SamplingStats::default();
     let examples: Vec<Example> = (0..batch_size as u64)
         .map(|i| source.example(first + i))
@@ -259,7 +267,7 @@ pub fn sampling_loss(
     };
     let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt_tokens().to_vec()).collect();
     let replies = stats.time("perf/generate_ms", || {
-        generate_batch(&inference, &prompts, per_prompt, &options, &context, Decoding::KvCache, &inference_device)
+        generate_batch(&inference, &prompts, per_prompt, &options, &ForwardContext::at_step(step), Decoding::KvCache, &inference_device)
     })?;
     let rows: Vec<(&[u32], &[u32], bool)> = prompts
         .iter()
@@ -274,8 +282,8 @@ pub fn sampling_loss(
         let sft_batch = source.batch(first, batch_size);
         let tokens = reply_batch_tokens + sft_batch.batch_size * sft_batch.seq_len;
         let sft = BatchTensors::new(&sft_batch, device);
-        let quality = sft_loss(model, &sft, step);
-        let diversity = policy_diversity(model, &batch, per_prompt, &context, DiversityImpl::Reference);
+        let quality = sft_loss(model, &sft, &context);
+        let diversity = policy_diversity(model, &batch, per_prompt, &context, config.kernels.diversity);
         let loss = quality.clone() - diversity.clone() * ob.lambda;
         stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
         stats.add("train/quality_loss", scalar(&quality));
@@ -299,7 +307,7 @@ pub fn sampling_loss(
     let set_size = if ob.kind == ObjectiveType::PolychromicRl { ob.n_samples } else { per_prompt };
     let token_sets: Vec<Vec<Vec<u32>>> = replies.iter().flat_map(|g| g.chunks(set_size).map(<[_]>::to_vec)).collect();
     let text_sets: Vec<Vec<String>> = texts.iter().flat_map(|g| g.chunks(set_size).map(<[_]>::to_vec)).collect();
-    let diversities = tools.diversities(ob.diversity, &token_sets, &text_sets, &mut stats)?;
+    let diversities = tools.diversities(ob.diversity, config.kernels.lcs, &token_sets, &text_sets, &mut stats)?;
     let mut advantages = Vec::with_capacity(rows.len());
     match ob.kind {
         ObjectiveType::Grpo => {
@@ -409,7 +417,7 @@ mod tests {
         };
         let (g0, g_lambda) = (loss_at(0.0), loss_at(0.5));
         let sft = BatchTensors::new(&data.train.batch(0, base.training.batch_size), &device);
-        let g_sft = grads_of(sft_loss(&model, &sft, step));
+        let g_sft = grads_of(sft_loss(&model, &sft, &ForwardContext::for_run(&base, step)));
         let ids: Vec<_> = crate::train::checkpoint::named_parameters(&model).into_iter().map(|(n, id, d)| (n, id, d.shape().len())).collect();
         let as_vec = |g: &GradientsParams, id, rank: usize| -> Vec<f32> {
             match rank {
@@ -430,12 +438,12 @@ mod tests {
         let inference = model.valid();
         let prompts: Vec<Vec<u32>> = (0..3).map(|i| data.train.example(i).unwrap().prompt_tokens().to_vec()).collect();
         let o = SamplingOptions { temperature: 1.0, max_new_tokens: 6, stop_token: data.tokenizer.eos_id(), seed: derive_seed(base.run.seed, Stream::Sampling, step), ..Default::default() };
-        let ctx = ForwardContext::at_step(step);
+        let ctx = ForwardContext::for_run(&base, step);
         let replies = generate_batch(&inference, &prompts, 3, &o, &ctx, Decoding::KvCache, &device.clone().inner()).unwrap();
         let rows: Vec<(&[u32], &[u32], bool)> = prompts.iter().zip(&replies).flat_map(|(p, g)| g.iter().map(move |r| (p.as_slice(), r.as_slice(), r.len() < 6))).collect();
         let batch = ReplyBatch::new(&rows, data.tokenizer.eos_id().unwrap(), model.context_length(), &device);
-        let d_of = |m: &Gpt| policy_diversity(m, &batch, 3, &ctx, DiversityImpl::Reference).into_scalar::<f32>() as f64;
-        let grad_d = grads_of(policy_diversity(&model, &batch, 3, &ctx, DiversityImpl::Reference));
+        let d_of = |m: &Gpt| policy_diversity(m, &batch, 3, &ctx, base.kernels.diversity).into_scalar::<f32>() as f64;
+        let grad_d = grads_of(policy_diversity(&model, &batch, 3, &ctx, base.kernels.diversity));
         let mut norm2 = 0.0f64;
         for (name, id, rank) in &ids {
             let (gl, g0v, gd) = (as_vec(&g_lambda, *id, *rank), as_vec(&g0, *id, *rank), as_vec(&grad_d, *id, *rank));

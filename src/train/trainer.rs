@@ -18,7 +18,7 @@ use super::optim::{GradientSum, build_optimizer, learning_rate};
 use crate::config::Config;
 use crate::data::{self, PreparedData, SampleSource};
 use crate::device::device_from_name;
-use crate::model::{Gpt, GptConfig};
+use crate::model::{ForwardContext, Gpt, GptConfig};
 use crate::rng::{Stream, derive_seed};
 
 /// How a call to [`train`] ended.
@@ -156,7 +156,7 @@ impl Learner {
             } else {
                 let batch = source.batch(first, t.batch_size);
                 tokens += batch.batch_size * batch.seq_len;
-                sft_loss(&self.model, &BatchTensors::new(&batch, &self.device), step)
+                sft_loss(&self.model, &BatchTensors::new(&batch, &self.device), &ForwardContext::for_run(&self.config, step))
             };
             let value = loss.clone().into_scalar::<f32>() as f64;
             if !value.is_finite() {
@@ -450,7 +450,8 @@ pub fn evaluate(
     let mut total = 0.0;
     for i in 0..t.eval_batches {
         let batch = source.batch((i * t.batch_size) as u64, t.batch_size);
-        total += sft_loss(&model, &BatchTensors::new(&batch, &device), global_step).into_scalar::<f32>() as f64;
+        let context = ForwardContext::for_run(config, global_step);
+        total += sft_loss(&model, &BatchTensors::new(&batch, &device), &context).into_scalar::<f32>() as f64;
     }
     Ok(total / t.eval_batches as f64)
 }
