@@ -35,16 +35,25 @@ pub struct TrainBenchReport {
     pub matmul_params: usize,
     pub tokens_per_step: usize,
     pub matmul_size: usize,
+    /// `reference` or `fused` (`kernels.attention`).
+    pub attention: String,
+    pub context_length: usize,
+    /// Peak live heap bytes during the timed steps above the level before them (the
+    /// `polyburn` binary's counting allocator; absent in library use).
+    pub peak_bytes: Option<usize>,
 }
 
 impl fmt::Display for TrainBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "polyburn bench train ({})", self.device)?;
+        writeln!(f, "polyburn bench train ({}, {} attention, context {})", self.device, self.attention, self.context_length)?;
         writeln!(f, "  tokens/s          {:>12.1}", self.tokens_per_sec)?;
         writeln!(f, "  step              {:>12.1} ms ({} tokens)", self.step_ms, self.tokens_per_step)?;
         writeln!(f, "  matmul params     {:>12}", self.matmul_params)?;
         writeln!(f, "  matmul GFLOP/s    {:>12.1} ({n}x{n} f32)", self.matmul_gflops, n = self.matmul_size)?;
         writeln!(f, "  model-shape GFLOP/s {:>10.1} (the step's linear-layer matmuls alone)", self.model_shape_matmul_gflops)?;
+        if let Some(p) = self.peak_bytes {
+            writeln!(f, "  peak memory       {:>12.1} MiB (above the model and optimizer)", p as f64 / (1 << 20) as f64)?;
+        }
         writeln!(f, "  MFU               {:>12.1} %", self.mfu * 100.0)?;
         write!(f, "  MFU vs model shapes {:>9.1} %", self.mfu_vs_model_shapes * 100.0)
     }
@@ -118,12 +127,15 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
 
     let mut times = Vec::new();
     let mut tokens_per_step = 0;
+    let mut peak_bytes = None;
     for step in 0..steps {
         let start = Instant::now();
-        let stats = learner.step(&mut source, step as u64)?;
+        let (stats, peak) = crate::kernel_bench::measure_peak(|| learner.step(&mut source, step as u64));
+        let stats = stats?;
         if step >= WARMUP_STEPS {
             times.push(start.elapsed().as_secs_f64());
             tokens_per_step = stats.tokens;
+            peak_bytes = peak_bytes.max(peak);
         }
     }
     let step_secs = median(times);
@@ -143,6 +155,9 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
         matmul_params,
         tokens_per_step,
         matmul_size,
+        attention: serde_yaml::to_string(&config.kernels.attention)?.trim().to_string(),
+        context_length: gpt.context_length,
+        peak_bytes,
     })
 }
 

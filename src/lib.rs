@@ -9,6 +9,7 @@ pub mod model;
 pub mod rng;
 pub mod train;
 pub mod bench;
+pub mod kernel_bench;
 pub mod generate;
 pub mod plot;
 pub mod sweep;

@@ -15,6 +15,10 @@ use polyburn::train::trainer::{load_checkpointed_model, saved_config};
 use polyburn::train::{self, TrainOptions};
 use burn::tensor::Device;
 
+/// Counts live heap bytes so `bench kernels` and `bench train` can report peak memory.
+#[global_allocator]
+static ALLOCATOR: polyburn::kernel_bench::PeakAlloc = polyburn::kernel_bench::PeakAlloc;
+
 #[derive(Parser)]
 #[command(name = "polyburn", version, about = "Train language models from YAML configs on Burn")]
 struct Cli {
@@ -214,6 +218,27 @@ enum BenchCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Training attention: `fused` or `reference` (sets kernels.attention).
+        #[arg(long)]
+        attention: Option<String>,
+    },
+    /// Every fused op against its reference over a size sweep: median time and peak memory.
+    Kernels {
+        /// Print one JSON array of records instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Attention sequence lengths (B = 4, H = 4, Dh = 64, causal, forward + backward).
+        #[arg(long, value_delimiter = ',', default_value = "128,256,512,1024,2048")]
+        attention_t: Vec<usize>,
+        /// Diversity group counts (N = 8, D = 384, forward + backward).
+        #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+        diversity_g: Vec<usize>,
+        /// LCS sequence lengths (64 groups × 8 sequences).
+        #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
+        lcs_l: Vec<usize>,
+        /// Timed runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
     /// Batched generation with the KV cache vs full recomputation, in one run.
     Generate {
@@ -350,10 +375,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("wrote {} ({} tokens)", output.display(), tokenizer.vocab_size());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { command: BenchCommand::Train { config, overrides, steps, json } } => {
+        Command::Bench { command: BenchCommand::Train { config, mut overrides, steps, json, attention } } => {
+            if let Some(a) = attention {
+                overrides.push(format!("kernels.attention={a}"));
+            }
             let config = Config::load(&config, &overrides)?;
             let report = bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?;
             print_report(&report, json)
+        }
+        Command::Bench { command: BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, repeats } } => {
+            let options = polyburn::kernel_bench::KernelBenchOptions { attention_t, diversity_g, lcs_l, repeats: repeats.max(1) };
+            let table = polyburn::kernel_bench::bench_kernels(&options)?;
+            if json {
+                println!("{}", serde_json::to_string(&table.0)?);
+            } else {
+                print!("{table}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { command: BenchCommand::Generate { config, overrides, prompts, n, max_new_tokens, json } } => {
             let config = Config::load(&config, &overrides)?;

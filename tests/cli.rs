@@ -149,3 +149,37 @@ fn bench_train_reports_json() {
         assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
     }
 }
+
+#[test]
+fn bench_train_compares_attention_implementations_with_peak_memory() {
+    let peak = |attention: &str| {
+        let r = run(&[
+            "bench", "train", "--config", "configs/bench.yaml", "--json", "--steps", "1", "--attention", attention,
+            "--set", "model.n_layers=1", "--set", "model.context_length=256", "--set", "training.batch_size=2",
+            "--set", "model.vocab_size=256",
+        ])
+        .ok();
+        let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+        assert_eq!(v["attention"], attention);
+        v["peak_bytes"].as_u64().unwrap()
+    };
+    let (fused, reference) = (peak("fused"), peak("reference"));
+    assert!(fused > 0 && fused < reference, "fused {fused} vs reference {reference} bytes");
+}
+
+#[test]
+fn bench_kernels_json_records() {
+    let r = run(&["bench", "kernels", "--json", "--attention-t", "33", "--diversity-g", "5", "--lcs-l", "9", "--repeats", "1"]).ok();
+    let records: Vec<serde_json::Value> = serde_json::from_str(r.stdout().trim()).unwrap();
+    let ops: Vec<&str> = records.iter().map(|v| v["op"].as_str().unwrap()).collect();
+    for op in ["pairwise_cosine_diversity", "lcs_similarity", "flash_attention_fwd_bwd", "flash_attention_vs_burn"] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
+    for v in &records {
+        let (f, r) = (v["fused_ms"].as_f64().unwrap(), v["reference_ms"].as_f64().unwrap());
+        assert!(f > 0.0 && r > 0.0 && (v["ratio"].as_f64().unwrap() - r / f).abs() < 1e-9, "{v}");
+        assert_eq!(v["device"], "flex");
+        assert!(v["size"].as_str().unwrap().contains('='), "{v}");
+        assert!(v["fused_peak_bytes"].as_u64().is_some() && v["reference_peak_bytes"].as_u64().is_some(), "{v}");
+    }
+}

@@ -1,0 +1,220 @@
+//! `polyburn bench kernels`: every fused op against its reference on the same inputs, over a
+//! size sweep, timed and memory-measured in one run. Peak memory comes from [`PeakAlloc`],
+//! the binary's global allocator.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
+use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
+use polyburn_kernels::lcs::{LcsImpl, lcs_similarity};
+use serde::Serialize;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// The system allocator, counting live bytes and their peak (the `polyburn` binary installs it).
+pub struct PeakAlloc;
+
+unsafe impl GlobalAlloc for PeakAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grow(layout.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grow(layout.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+            grow(new_size);
+        }
+        p
+    }
+}
+
+fn grow(bytes: usize) {
+    INSTALLED.store(true, Ordering::Relaxed);
+    let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+/// Runs `f`, returning its result and the peak of live heap bytes above the starting level
+/// (`None` when the tracking allocator is not installed, e.g. in library tests).
+pub fn measure_peak<T>(f: impl FnOnce() -> T) -> (T, Option<usize>) {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let out = f();
+    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    (out, INSTALLED.load(Ordering::Relaxed).then_some(peak))
+}
+
+/// One row of the comparison (`--json` prints an array of these).
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelRecord {
+    pub op: String,
+    pub device: String,
+    pub size: String,
+    pub fused_ms: f64,
+    pub reference_ms: f64,
+    /// `reference_ms / fused_ms`: the fused op's speedup.
+    pub ratio: f64,
+    pub fused_peak_bytes: Option<usize>,
+    pub reference_peak_bytes: Option<usize>,
+}
+
+pub struct KernelTable(pub Vec<KernelRecord>);
+
+impl fmt::Display for KernelTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |b: Option<usize>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64));
+        writeln!(f, "{:<26} {:<6} {:<14} {:>11} {:>13} {:>8} {:>12} {:>14} {:>8}", "op", "device", "size", "fused ms", "reference ms", "speedup", "fused MiB", "reference MiB", "memory")?;
+        for r in &self.0 {
+            let mem = match (r.fused_peak_bytes, r.reference_peak_bytes) {
+                (Some(a), Some(b)) if a > 0 => format!("{:.1}x", b as f64 / a as f64),
+                _ => "-".into(),
+            };
+            writeln!(
+                f,
+                "{:<26} {:<6} {:<14} {:>11.2} {:>13.2} {:>7.1}x {:>12} {:>14} {:>8}",
+                r.op, r.device, r.size, r.fused_ms, r.reference_ms, r.ratio, mib(r.fused_peak_bytes), mib(r.reference_peak_bytes), mem
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Median wall time (ms) of `repeats` runs after one warm-up, and the largest peak seen.
+fn time(repeats: usize, mut f: impl FnMut()) -> (f64, Option<usize>) {
+    f();
+    let mut times = Vec::new();
+    let mut peak = None;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        let ((), p) = measure_peak(&mut f);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        peak = peak.max(p);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], peak)
+}
+
+fn record(op: &str, device: &str, size: String, fused: (f64, Option<usize>), reference: (f64, Option<usize>)) -> KernelRecord {
+    KernelRecord {
+        op: op.into(),
+        device: device.into(),
+        size,
+        fused_ms: fused.0,
+        reference_ms: reference.0,
+        ratio: reference.0 / fused.0,
+        fused_peak_bytes: fused.1,
+        reference_peak_bytes: reference.1,
+    }
+}
+
+/// Which sizes to sweep.
+pub struct KernelBenchOptions {
+    pub attention_t: Vec<usize>,
+    pub diversity_g: Vec<usize>,
+    pub lcs_l: Vec<usize>,
+    pub repeats: usize,
+}
+
+impl Default for KernelBenchOptions {
+    fn default() -> Self {
+        Self { attention_t: vec![128, 256, 512, 1024, 2048], diversity_g: vec![64, 256, 1024, 4096], lcs_l: vec![16, 32, 64, 128, 256], repeats: 3 }
+    }
+}
+
+/// Attention forward + backward (B = 4, H = 4, Dh = 64, causal) on an autodiff device:
+/// fused vs polyburn's reference, and fused vs Burn's own `attention` (which runs its unfused
+/// fallback under autodiff).
+fn bench_attention(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let ad = device.clone().autodiff();
+    for &t in &o.attention_t {
+        ad.seed(t as u64);
+        let shape = [4, 4, t, 64];
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (q, k, v) = (Tensor::<4>::random(shape, normal, &ad), Tensor::<4>::random(shape, normal, &ad), Tensor::<4>::random(shape, normal, &ad));
+        let run = |f: &dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>| {
+            let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+            let grads = f(q.clone(), k.clone(), v.clone()).sum().backward();
+            for x in [&q, &k, &v] {
+                let _ = x.grad(&grads).expect("gradient").into_data();
+            }
+        };
+        let ours = |implementation| move |q, k, v| attention(q, k, v, AttentionOptions { causal: true, ..Default::default() }, implementation);
+        let fused = time(o.repeats, || run(&ours(AttentionImpl::Fused)));
+        let reference = time(o.repeats, || run(&ours(AttentionImpl::Reference)));
+        let burn = time(o.repeats, || {
+            run(&|q, k, v| burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: true }))
+        });
+        out.push(record("flash_attention_fwd_bwd", name, format!("T={t}"), fused, reference));
+        out.push(record("flash_attention_vs_burn", name, format!("T={t}"), fused, burn));
+    }
+}
+
+/// Diversity forward + backward, N = 8, D = 384.
+fn bench_diversity(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let ad = device.clone().autodiff();
+    for &g in &o.diversity_g {
+        ad.seed(g as u64);
+        let e = Tensor::<3>::random([g, 8, 384], Distribution::Normal(0.0, 1.0), &ad);
+        let run = |implementation| {
+            let e = e.clone().require_grad();
+            let grads = pairwise_cosine_diversity(e.clone(), implementation).sum().backward();
+            let _ = e.grad(&grads).expect("gradient").into_data();
+        };
+        let fused = time(o.repeats, || run(DiversityImpl::Fused));
+        let reference = time(o.repeats, || run(DiversityImpl::Reference));
+        out.push(record("pairwise_cosine_diversity", name, format!("G={g},N=8,D=384"), fused, reference));
+    }
+}
+
+/// LCS lengths of every pair of 64 groups × 8 sequences (alphabet 64).
+fn bench_lcs(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    for &l in &o.lcs_l {
+        let (g, n) = (64, 8);
+        let mut rng = crate::rng::SplitMix64::new(l as u64);
+        let tokens: Vec<i64> = (0..g * n * l).map(|_| rng.below(64) as i64).collect();
+        let t = Tensor::<3, Int>::from_data(TensorData::new(tokens, [g, n, l]), device);
+        let len = Tensor::<2, Int>::from_data(TensorData::new(vec![l as i64; g * n], [g, n]), device);
+        let run = |implementation| {
+            let _ = lcs_similarity(t.clone(), len.clone(), implementation).into_data();
+        };
+        let fused = time(o.repeats, || run(LcsImpl::Fused));
+        let reference = time(o.repeats, || run(LcsImpl::Reference));
+        out.push(record("lcs_similarity", name, format!("G=64,N=8,L={l}"), fused, reference));
+    }
+}
+
+/// Every op on every available device.
+pub fn bench_kernels(o: &KernelBenchOptions) -> Result<KernelTable> {
+    let mut out = Vec::new();
+    let devices = [(Device::flex(), "flex")];
+    for (device, name) in &devices {
+        bench_diversity(device, name, o, &mut out);
+        bench_lcs(device, name, o, &mut out);
+        bench_attention(device, name, o, &mut out);
+    }
+    Ok(KernelTable(out))
+}
