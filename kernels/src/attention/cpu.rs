@@ -26,9 +26,24 @@ impl FlashShape {
         if self.causal { (i + self.tk).saturating_sub(self.tq).min(self.tk - 1) } else { self.tk - 1 }
     }
 
-    fn hidden(&self, i: usize, j: usize, key_mask: &[f32]) -> bool {
-        (self.causal && i + self.tk < j + self.tq) || key_mask[j] != 0.0
+    /// Columns `c0..c0 + cols` of row `i` that are not in the future: how many, from `c0`.
+    fn visible_in_tile(&self, i: usize, c0: usize, cols: usize) -> usize {
+        (self.last_visible(i) + 1).saturating_sub(c0).min(cols)
     }
+}
+
+/// `e^x` for the non-positive arguments of a softmax, branch-free so loops vectorise:
+/// `2^n · e^g` with `n` the nearest integer to `x·log2 e` and `|g| ≤ ln2 / 2`, `e^g` by its
+/// degree-6 Taylor polynomial (relative error < 1e-6 for x ≥ −10). `−∞` (and anything below −87) gives 0.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
+    let y = (x * std::f32::consts::LOG2_E).max(-127.0);
+    let n = (y + ROUND) - ROUND;
+    let g = (y - n) * std::f32::consts::LN_2;
+    let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
+    // 2^n through the exponent bits; n = −127 gives exponent field 0, i.e. 0.0.
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// `c[m×n] (+)= a[m×k] · b` where `b` is `[k×n]` (`b_transposed`: stored `[n×k]`).
@@ -110,22 +125,23 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, ro
     for c0 in (0..=last_key).step_by(TILE) {
         let cols = TILE.min(s.tk - c0);
         matmul(&mut scores, q, &k[c0 * dim..(c0 + cols) * dim], rows, cols, dim, true, false, false);
+        let mask = &key_mask[c0..c0 + cols];
         for r in 0..rows {
             let row = &mut scores[r * cols..(r + 1) * cols];
-            let mut row_max = f32::NEG_INFINITY;
+            let visible = s.visible_in_tile(r0 + r, c0, cols);
             for (c, x) in row.iter_mut().enumerate() {
-                *x = if s.hidden(r0 + r, c0 + c, key_mask) { f32::NEG_INFINITY } else { *x * s.scale };
-                row_max = row_max.max(*x);
+                *x = if c >= visible || mask[c] != 0.0 { f32::NEG_INFINITY } else { *x * s.scale };
             }
+            let row_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[r].max(row_max);
             if new_max == f32::NEG_INFINITY {
                 row.iter_mut().for_each(|x| *x = 0.0);
                 continue;
             }
-            let correction = (max[r] - new_max).exp();
+            let correction = exp_nonpositive(max[r] - new_max);
             let mut row_sum = 0.0;
             for x in row.iter_mut() {
-                *x = (*x - new_max).exp();
+                *x = exp_nonpositive(*x - new_max);
                 row_sum += *x;
             }
             sum[r] = sum[r] * correction + row_sum;
@@ -211,11 +227,12 @@ fn backward_head(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], out: &[f32],
             let q_tile = &q[r0 * dim..(r0 + rows) * dim];
             let do_tile = &d_out[r0 * dim..(r0 + rows) * dim];
             matmul(&mut p, q_tile, k_tile, rows, cols, dim, true, false, false);
+            let mask = &key_mask[c0..c0 + cols];
             for r in 0..rows {
                 let l = lse[r0 + r];
-                for c in 0..cols {
-                    let x = &mut p[r * cols + c];
-                    *x = if l == f32::NEG_INFINITY || s.hidden(r0 + r, c0 + c, key_mask) { 0.0 } else { (*x * scale - l).exp() };
+                let visible = if l == f32::NEG_INFINITY { 0 } else { s.visible_in_tile(r0 + r, c0, cols) };
+                for (c, x) in p[r * cols..(r + 1) * cols].iter_mut().enumerate() {
+                    *x = if c >= visible || mask[c] != 0.0 { 0.0 } else { exp_nonpositive(*x * scale - l) };
                 }
             }
             // dV_tile += Pᵀ · dO
@@ -311,5 +328,25 @@ mod flex {
             let (qs, ks) = (vec![s.batch, s.heads, s.tq, s.dim], vec![s.batch, s.heads, s.tk, s.dim]);
             (tensor(dq, qs), tensor(dk, ks.clone()), tensor(dv, ks))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_nonpositive;
+
+    #[test]
+    fn fast_exp_matches_exp() {
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x), (x as f64).exp());
+            // Relative 1e-6 where softmax weights matter; below e^-10 the rounding of
+            // x · log2 e dominates and the absolute error is what counts.
+            let ok = if x >= -10.0 { ((got as f64 - want) / want).abs() < 1e-6 } else { (got as f64 - want).abs() < 1e-9 };
+            assert!(ok, "x={x}: {got} vs {want}");
+        }
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpositive(-200.0), 0.0);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }
