@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 /// Query and key rows per tile.
-const TILE: usize = 64;
+const TILE: usize = 128;
 
 /// Shapes and masking of one attention call over contiguous `[B, H, T, D]` buffers.
 #[derive(Debug, Clone, Copy)]
@@ -262,10 +262,14 @@ mod flex {
     use super::{FlashShape, flash_backward, flash_forward};
     use crate::attention::FlashAttentionBackend;
 
-    fn values(t: &FlexTensor) -> Vec<f32> {
+    /// The tensor in row-major order (a copy only when it is a strided view).
+    fn contiguous(t: &FlexTensor) -> FlexTensor {
         assert_eq!(t.dtype(), DType::F32, "the fused CPU attention computes in f32");
-        let t = t.to_contiguous();
-        t.as_slice::<f32>().expect("contiguous").to_vec()
+        if t.is_contiguous() { t.clone() } else { t.to_contiguous() }
+    }
+
+    fn values(t: &FlexTensor) -> &[f32] {
+        t.as_slice::<f32>().expect("contiguous f32")
     }
 
     fn shape(q: &FlexTensor, k: &FlexTensor, causal: bool, scale: f32) -> FlashShape {
@@ -299,7 +303,8 @@ mod flex {
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
-            let (out, lse) = flash_forward(&values(&q), &values(&k), &values(&v), &values(&key_mask), s);
+            let [q, k, v, key_mask] = [&q, &k, &v, &key_mask].map(contiguous);
+            let (out, lse) = flash_forward(values(&q), values(&k), values(&v), values(&key_mask), s);
             (tensor(out, vec![s.batch, s.heads, s.tq, s.dim]), tensor(lse, vec![s.batch, s.heads, s.tq]))
         }
 
@@ -315,14 +320,15 @@ mod flex {
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
+            let [q, k, v, key_mask, out, lse, d_out] = [&q, &k, &v, &key_mask, &out, &lse, &d_out].map(contiguous);
             let (dq, dk, dv) = flash_backward(
-                &values(&q),
-                &values(&k),
-                &values(&v),
-                &values(&key_mask),
-                &values(&out),
-                &values(&lse),
-                &values(&d_out),
+                values(&q),
+                values(&k),
+                values(&v),
+                values(&key_mask),
+                values(&out),
+                values(&lse),
+                values(&d_out),
                 s,
             );
             let (qs, ks) = (vec![s.batch, s.heads, s.tq, s.dim], vec![s.batch, s.heads, s.tk, s.dim]);

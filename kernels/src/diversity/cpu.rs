@@ -74,22 +74,29 @@ mod flex {
     use super::{diversity_backward, diversity_forward};
     use crate::diversity::DiversityBackend;
 
-    fn values(t: &FlexTensor) -> Vec<f32> {
+    /// The tensor in row-major order (a copy only when it is a strided view).
+    fn contiguous(t: &FlexTensor) -> FlexTensor {
         assert_eq!(t.dtype(), DType::F32, "the fused diversity computes in f32");
-        t.to_contiguous().as_slice::<f32>().expect("contiguous").to_vec()
+        if t.is_contiguous() { t.clone() } else { t.to_contiguous() }
+    }
+
+    fn values(t: &FlexTensor) -> &[f32] {
+        t.as_slice::<f32>().expect("contiguous f32")
     }
 
     impl DiversityBackend for Flex {
         fn pairwise_cosine_diversity(embeddings: FloatTensor<Self>) -> FloatTensor<Self> {
             let s = embeddings.layout().shape();
             let (g, n, d) = (s[0], s[1], s[2]);
-            FlexTensor::from_data(TensorData::new(diversity_forward(&values(&embeddings), g, n, d), vec![g]))
+            let e = contiguous(&embeddings);
+            FlexTensor::from_data(TensorData::new(diversity_forward(values(&e), g, n, d), vec![g]))
         }
 
         fn pairwise_cosine_diversity_backward(embeddings: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
             let s = embeddings.layout().shape();
             let (g, n, d) = (s[0], s[1], s[2]);
-            let out = diversity_backward(&values(&embeddings), &values(&grad), g, n, d);
+            let (e, grad) = (contiguous(&embeddings), contiguous(&grad));
+            let out = diversity_backward(values(&e), values(&grad), g, n, d);
             FlexTensor::from_data(TensorData::new(out, vec![g, n, d]))
         }
     }

@@ -8,7 +8,7 @@ mod reference;
 use burn::backend::tensor::IntTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Int, Tensor};
-pub use cpu::lcs_length_bit_parallel;
+pub use cpu::{lcs_group_bit_parallel, lcs_length_bit_parallel};
 pub use reference::{lcs_length_dp, lcs_similarity_reference};
 
 /// Which implementation computes LCS lengths.
@@ -42,23 +42,41 @@ pub fn lcs_similarity(tokens: Tensor<3, Int>, lengths: Tensor<2, Int>, implement
     }
 }
 
-/// Host-side driver shared by the implementations: every pair of every group.
-pub(crate) fn all_pairs(tokens: &[i64], lengths: &[i64], g: usize, n: usize, l: usize, lcs: impl Fn(&[i64], &[i64]) -> usize + Sync) -> Vec<i64> {
+/// Host-side driver shared by the implementations: `lcs_group` turns one group's sequences
+/// (cut to their lengths) into its `[N, N]` matrix; groups run in parallel.
+pub(crate) fn group_sequences(
+    tokens: &[i64],
+    lengths: &[i64],
+    g: usize,
+    n: usize,
+    l: usize,
+    lcs_group: impl Fn(&[&[i64]]) -> Vec<i64> + Sync,
+) -> Vec<i64> {
     use rayon::prelude::*;
     let mut out = vec![-1i64; g * n * n]; // poisoned: every pair must be written
     out.par_chunks_mut((n * n).max(1)).enumerate().for_each(|(group, dst)| {
-        let seq = |i: usize| {
-            let len = (lengths[group * n + i].max(0) as usize).min(l);
-            &tokens[(group * n + i) * l..(group * n + i) * l + len]
-        };
-        for i in 0..n {
-            dst[i * n + i] = seq(i).len() as i64;
-            for j in i + 1..n {
-                let v = lcs(seq(i), seq(j)) as i64;
-                dst[i * n + j] = v;
-                dst[j * n + i] = v;
-            }
-        }
+        let seqs: Vec<&[i64]> = (0..n)
+            .map(|i| {
+                let len = (lengths[group * n + i].max(0) as usize).min(l);
+                &tokens[(group * n + i) * l..(group * n + i) * l + len]
+            })
+            .collect();
+        dst.copy_from_slice(&lcs_group(&seqs));
     });
+    out
+}
+
+/// `[N, N]` LCS lengths of one group by dynamic programming (the reference driver).
+pub(crate) fn lcs_group_dp(seqs: &[&[i64]]) -> Vec<i64> {
+    let n = seqs.len();
+    let mut out = vec![-1i64; n * n];
+    for i in 0..n {
+        out[i * n + i] = seqs[i].len() as i64;
+        for j in i + 1..n {
+            let v = lcs_length_dp(seqs[i], seqs[j]) as i64;
+            out[i * n + j] = v;
+            out[j * n + i] = v;
+        }
+    }
     out
 }

@@ -19,6 +19,6 @@ pub fn lcs_similarity_reference(tokens: Tensor<3, Int>, lengths: Tensor<2, Int>)
     let device = tokens.device();
     let t = tokens.into_data().convert::<i64>().try_into_vec::<i64>().expect("int tokens");
     let len = lengths.into_data().convert::<i64>().try_into_vec::<i64>().expect("int lengths");
-    let out = super::all_pairs(&t, &len, g, n, l, lcs_length_dp);
+    let out = super::group_sequences(&t, &len, g, n, l, super::lcs_group_dp);
     Tensor::from_data(TensorData::new(out, [g, n, n]), &device)
 }
