@@ -47,21 +47,43 @@ impl Masks {
 }
 
 /// Token ids renumbered `0..alphabet` in order of appearance (mask tables are then indexed,
-/// not hashed).
+/// not hashed). Ids in a small range are renumbered through a lookup table.
 fn dense(seqs: &[&[i64]]) -> (Vec<Vec<u32>>, usize) {
-    let mut ids: HashMap<i64, u32> = HashMap::new();
-    let out = seqs
-        .iter()
-        .map(|s| {
-            s.iter()
-                .map(|t| {
-                    let next = ids.len() as u32;
-                    *ids.entry(*t).or_insert(next)
-                })
-                .collect()
-        })
-        .collect();
-    (out, ids.len().max(1))
+    let (lo, hi) = seqs.iter().flat_map(|s| s.iter()).fold((i64::MAX, i64::MIN), |(lo, hi), &t| (lo.min(t), hi.max(t)));
+    let total: usize = seqs.iter().map(|s| s.len()).sum();
+    let mut next = 0u32;
+    let out = if lo <= hi && ((hi - lo) as u64) < (1 << 16).max(8 * total as u64) {
+        let mut table = vec![u32::MAX; (hi - lo + 1) as usize];
+        seqs.iter()
+            .map(|s| {
+                s.iter()
+                    .map(|&t| {
+                        let slot = &mut table[(t - lo) as usize];
+                        if *slot == u32::MAX {
+                            *slot = next;
+                            next += 1;
+                        }
+                        *slot
+                    })
+                    .collect()
+            })
+            .collect()
+    } else {
+        let mut ids: HashMap<i64, u32> = HashMap::new();
+        seqs.iter()
+            .map(|s| {
+                s.iter()
+                    .map(|t| {
+                        *ids.entry(*t).or_insert_with(|| {
+                            next += 1;
+                            next - 1
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    (out, (next as usize).max(1))
 }
 
 /// LCS length of one pair, bit-parallel.
