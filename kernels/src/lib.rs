@@ -5,4 +5,5 @@
 
 pub mod attention;
 pub mod diversity;
+mod flex_tensors;
 pub mod lcs;

@@ -257,20 +257,12 @@ mod flex {
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
-    use burn::tensor::{DType, TensorData};
+    use burn::tensor::TensorData;
 
     use super::{FlashShape, flash_backward, flash_forward};
     use crate::attention::FlashAttentionBackend;
 
-    /// The tensor in row-major order (a copy only when it is a strided view).
-    fn contiguous(t: &FlexTensor) -> FlexTensor {
-        assert_eq!(t.dtype(), DType::F32, "the fused CPU attention computes in f32");
-        if t.is_contiguous() { t.clone() } else { t.to_contiguous() }
-    }
-
-    fn values(t: &FlexTensor) -> &[f32] {
-        t.as_slice::<f32>().expect("contiguous f32")
-    }
+    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
 
     fn shape(q: &FlexTensor, k: &FlexTensor, causal: bool, scale: f32) -> FlashShape {
         let qs = q.layout().shape();
