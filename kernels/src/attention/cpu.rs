@@ -83,7 +83,8 @@ fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, b_t
 /// A query row that sees no key gets output 0 and log-sum-exp −∞.
 pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
     let FlashShape { batch, heads, tq, tk, dim, .. } = s;
-    let mut out = vec![0f32; batch * heads * tq * dim];
+    // Poisoned: every tile must write its rows.
+    let mut out = vec![f32::NAN; batch * heads * tq * dim];
     let mut lse = vec![f32::NEG_INFINITY; batch * heads * tq];
     let q_tiles = tq.div_ceil(TILE);
     // Explicit (bh, tile) work items, each writing its own disjoint rows.
