@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use anyhow::{Result, bail};
-use polyburn_kernels::lcs::{LcsImpl, lcs_length_bit_parallel, lcs_length_dp};
+use polyburn_kernels::lcs::{LcsImpl, lcs_group_bit_parallel, lcs_group_dp};
 
 /// Which diversity a polychromic objective multiplies into its set score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -126,39 +126,25 @@ pub fn self_bleu<T: Hash + Eq + Clone>(replies: &[Vec<T>]) -> f64 {
     total / replies.len() as f64
 }
 
-/// Length of the longest common subsequence (dynamic programming, one row of memory).
-pub fn lcs_length<T: PartialEq>(a: &[T], b: &[T]) -> usize {
-    let mut row = vec![0usize; b.len() + 1];
-    for x in a {
-        let mut diagonal = 0;
-        for (j, y) in b.iter().enumerate() {
-            let up = row[j + 1];
-            row[j + 1] = if x == y { diagonal + 1 } else { up.max(row[j]) };
-            diagonal = up;
-        }
-    }
-    row[b.len()]
-}
-
 /// `1 − mean over pairs of LCS(a, b) / max(|a|, |b|)` over token ids; two empty replies are
 /// identical. LCS lengths come from the bit-parallel kernel or the dynamic program.
 pub fn lcs_diversity(replies: &[Vec<u32>], implementation: LcsImpl) -> f64 {
-    let lcs = |a: &[u32], b: &[u32]| {
-        let (a, b): (Vec<i64>, Vec<i64>) = (a.iter().map(|&t| t as i64).collect(), b.iter().map(|&t| t as i64).collect());
-        match implementation {
-            LcsImpl::Fused => lcs_length_bit_parallel(&a, &b),
-            LcsImpl::Reference => lcs_length_dp(&a, &b),
-        }
-    };
     let n = replies.len();
     if n < 2 {
         return 0.0;
     }
+    // The whole group at once: each sequence is converted (and its bit masks built) once.
+    let ids: Vec<Vec<i64>> = replies.iter().map(|r| r.iter().map(|&t| t as i64).collect()).collect();
+    let seqs: Vec<&[i64]> = ids.iter().map(Vec::as_slice).collect();
+    let lcs = match implementation {
+        LcsImpl::Fused => lcs_group_bit_parallel(&seqs),
+        LcsImpl::Reference => lcs_group_dp(&seqs),
+    };
     let mut total = 0.0;
     for i in 0..n {
         for j in i + 1..n {
             let longer = replies[i].len().max(replies[j].len());
-            total += if longer == 0 { 1.0 } else { lcs(&replies[i], &replies[j]) as f64 / longer as f64 };
+            total += if longer == 0 { 1.0 } else { lcs[i * n + j] as f64 / longer as f64 };
         }
     }
     1.0 - total / (n * (n - 1) / 2) as f64
@@ -177,6 +163,7 @@ pub fn lexical_diversity(metric: DiversityMetric, replies: &[Vec<u32>], lcs: Lcs
 #[cfg(test)]
 mod tests {
     use super::*;
+    use polyburn_kernels::lcs::lcs_length_dp;
 
     fn words(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
@@ -235,8 +222,8 @@ mod tests {
 
     #[test]
     fn lcs_length_by_dynamic_programming() {
-        assert_eq!(lcs_length(b"ABCBDAB", b"BDCABA"), 4);
-        assert_eq!(lcs_length(b"", b"abc"), 0);
-        assert_eq!(lcs_length(b"kitten", b"sitting"), 4);
+        assert_eq!(lcs_length_dp(b"ABCBDAB", b"BDCABA"), 4);
+        assert_eq!(lcs_length_dp(b"", b"abc"), 0);
+        assert_eq!(lcs_length_dp(b"kitten", b"sitting"), 4);
     }
 }

@@ -305,9 +305,11 @@ pub fn sampling_loss(
         })
         .collect();
     let set_size = if ob.kind == ObjectiveType::PolychromicRl { ob.n_samples } else { per_prompt };
-    let token_sets: Vec<Vec<Vec<u32>>> = replies.iter().flat_map(|g| g.chunks(set_size).map(<[_]>::to_vec)).collect();
-    let text_sets: Vec<Vec<String>> = texts.iter().flat_map(|g| g.chunks(set_size).map(<[_]>::to_vec)).collect();
-    let diversities = tools.diversities(ob.diversity, config.kernels.lcs, &token_sets, &text_sets, &mut stats)?;
+    let all: Vec<f64> = rewards.iter().flatten().copied().collect();
+    if !all.iter().all(|r| r.is_finite()) {
+        bail!("a reward is not finite");
+    }
+    let diversities = tools.diversities(ob.diversity, config.kernels.lcs, &sets_of(&replies, set_size), &sets_of(&texts, set_size), &mut stats)?;
     let mut advantages = Vec::with_capacity(rows.len());
     match ob.kind {
         ObjectiveType::Grpo => {
@@ -316,8 +318,7 @@ pub fn sampling_loss(
             }
         }
         ObjectiveType::PolychromicRl => {
-            let reward_sets: Vec<Vec<f64>> = rewards.iter().flat_map(|g| g.chunks(set_size).map(<[_]>::to_vec)).collect();
-            let scores = set_scores(&reward_sets, &diversities);
+            let scores = set_scores(&sets_of(&rewards, set_size), &diversities);
             stats.add("train/set_score", scores.iter().sum::<f64>() / scores.len() as f64);
             for prompt_sets in scores.chunks(ob.n_sets) {
                 for a in group_advantages(prompt_sets, ob.normalize_advantage) {
@@ -327,7 +328,6 @@ pub fn sampling_loss(
         }
         ObjectiveType::Sft | ObjectiveType::PolychromicRegularized => unreachable!("handled above"),
     }
-    let all: Vec<f64> = rewards.iter().flatten().copied().collect();
     stats.add("train/reward_mean", all.iter().sum::<f64>() / all.len() as f64);
     stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len() as f64);
 
@@ -335,26 +335,28 @@ pub fn sampling_loss(
     // sampling policy under dropout and for the KL reference).
     let started = Instant::now();
     let logp = token_logprobs(model, &batch, &context);
-    let host_logprobs = |m: &Gpt| -> Result<Tensor<2>> {
-        let inner = ReplyBatch::new(&rows, eos, model.context_length(), &inference_device);
-        let values = token_logprobs(m, &inner, &context).into_data();
-        Ok(Tensor::from_data(values, device))
+    let reference = tools.reference.as_ref().filter(|_| ob.kl_beta > 0.0);
+    let with_dropout = config.model.dropout > 0.0;
+    // The same sequences on the inference device, built once for both extra passes.
+    let inner_batch = (with_dropout || reference.is_some()).then(|| ReplyBatch::new(&rows, eos, model.context_length(), &inference_device));
+    let host_logprobs = |m: &Gpt| {
+        let inner = inner_batch.as_ref().expect("built when an extra pass is needed");
+        Tensor::<2>::from_data(token_logprobs(m, inner, &context).into_data(), device)
     };
-    let old_logp = if config.model.dropout > 0.0 { host_logprobs(&inference)? } else { logp.clone().detach() };
-    let reference_logp = match (&tools.reference, ob.kl_beta > 0.0) {
-        (Some(reference), true) => Some(host_logprobs(reference)?),
-        _ => None,
-    };
+    let old_logp = if with_dropout { host_logprobs(&inference) } else { logp.clone().detach() };
+    let reference_logp = reference.map(host_logprobs);
     let (loss, quality, kl) = policy_gradient_loss(logp, old_logp, reference_logp, &batch, &advantages, ob.ppo_clip, ob.kl_beta);
     stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
     stats.add("train/quality_loss", scalar(&quality));
     if let Some(kl) = kl {
         stats.add("train/kl", scalar(&kl));
     }
-    if !all.iter().all(|r| r.is_finite()) {
-        bail!("a reward is not finite");
-    }
     Ok(SamplingLoss { loss, stats, tokens: reply_batch_tokens })
+}
+
+/// Each prompt's group cut into consecutive sets of `size` (one set per group for `grpo`).
+fn sets_of<T: Clone>(groups: &[Vec<T>], size: usize) -> Vec<Vec<T>> {
+    groups.iter().flat_map(|g| g.chunks(size).map(<[T]>::to_vec)).collect()
 }
 
 fn scalar(t: &Tensor<1>) -> f64 {

@@ -3,7 +3,7 @@
 
 use crate::config::{RewardConfig, RewardKind};
 use crate::data::corpus::PromptReply;
-use crate::diversity::lcs_length;
+use polyburn_kernels::lcs::lcs_length_dp;
 
 /// Scores a reply (already decoded, without the end-of-text token) to a record.
 pub trait Reward: Send + Sync {
@@ -25,7 +25,7 @@ pub fn rouge_l_f1(candidate: &str, reference: &str) -> f64 {
     if c.is_empty() || r.is_empty() {
         return if c.is_empty() && r.is_empty() { 1.0 } else { 0.0 };
     }
-    let lcs = lcs_length(&c, &r) as f64;
+    let lcs = lcs_length_dp(&c, &r) as f64;
     if lcs == 0.0 {
         return 0.0;
     }

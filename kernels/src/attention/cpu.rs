@@ -85,39 +85,28 @@ pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: Flash
     let FlashShape { batch, heads, tq, tk, dim, .. } = s;
     // Poisoned: every tile must write its rows.
     let mut out = vec![f32::NAN; batch * heads * tq * dim];
-    let mut lse = vec![f32::NEG_INFINITY; batch * heads * tq];
-    let q_tiles = tq.div_ceil(TILE);
-    // Explicit (bh, tile) work items, each writing its own disjoint rows.
-    let items: Vec<(usize, usize)> = (0..batch * heads).flat_map(|bh| (0..q_tiles).map(move |t| (bh, t))).collect();
-    let results: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = items
-        .into_par_iter()
-        .map(|(bh, t)| {
-            let b = bh / heads;
+    let mut lse = vec![f32::NAN; batch * heads * tq];
+    // Per (batch, head), then per query tile: each task writes its own disjoint rows.
+    out.par_chunks_mut(tq * dim).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out_head, lse_head))| {
+        let b = bh / heads;
+        let (k, v) = (&k[bh * tk * dim..(bh + 1) * tk * dim], &v[bh * tk * dim..(bh + 1) * tk * dim]);
+        let q = &q[bh * tq * dim..(bh + 1) * tq * dim];
+        out_head.par_chunks_mut(TILE * dim).zip(lse_head.par_chunks_mut(TILE)).enumerate().for_each(|(t, (out_tile, lse_tile))| {
             let r0 = t * TILE;
-            let rows = TILE.min(tq - r0);
-            let (o, l) = forward_tile(
-                &q[(bh * tq + r0) * dim..(bh * tq + r0 + rows) * dim],
-                &k[bh * tk * dim..(bh + 1) * tk * dim],
-                &v[bh * tk * dim..(bh + 1) * tk * dim],
-                &key_mask[b * tk..(b + 1) * tk],
-                r0,
-                rows,
-                s,
-            );
-            (bh, r0, o, l)
-        })
-        .collect();
-    for (bh, r0, o, l) in results {
-        let rows = l.len();
-        out[(bh * tq + r0) * dim..(bh * tq + r0 + rows) * dim].copy_from_slice(&o);
-        lse[bh * tq + r0..bh * tq + r0 + rows].copy_from_slice(&l);
-    }
+            let rows = lse_tile.len();
+            let q_tile = &q[r0 * dim..(r0 + rows) * dim];
+            forward_tile(q_tile, k, v, &key_mask[b * tk..(b + 1) * tk], r0, s, out_tile, lse_tile);
+        });
+    });
     (out, lse)
 }
 
-/// One tile of `rows` queries (starting at query `r0`) against all visible keys of one head.
-fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, rows: usize, s: FlashShape) -> (Vec<f32>, Vec<f32>) {
+/// One tile of queries (starting at query `r0`) against all visible keys of one head; writes
+/// the tile's output rows and log-sum-exps.
+#[allow(clippy::too_many_arguments)]
+fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, s: FlashShape, out: &mut [f32], lse: &mut [f32]) {
     let dim = s.dim;
+    let rows = lse.len();
     let mut acc = vec![0f32; rows * dim];
     let mut max = vec![f32::NEG_INFINITY; rows];
     let mut sum = vec![0f32; rows];
@@ -152,15 +141,14 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, ro
         // acc += P · V_tile
         matmul(&mut acc, &scores, &v[c0 * dim..(c0 + cols) * dim], rows, dim, cols, false, false, true);
     }
-    let mut lse = vec![f32::NEG_INFINITY; rows];
     for r in 0..rows {
-        if sum[r] > 0.0 {
-            let inv = 1.0 / sum[r];
-            acc[r * dim..(r + 1) * dim].iter_mut().for_each(|a| *a *= inv);
-            lse[r] = max[r] + sum[r].ln();
+        // A row that saw no key keeps its zero accumulator.
+        let inv = if sum[r] > 0.0 { 1.0 / sum[r] } else { 0.0 };
+        for (o, a) in out[r * dim..(r + 1) * dim].iter_mut().zip(&acc[r * dim..(r + 1) * dim]) {
+            *o = a * inv;
         }
+        lse[r] = if sum[r] > 0.0 { max[r] + sum[r].ln() } else { f32::NEG_INFINITY };
     }
-    (acc, lse)
 }
 
 /// Backward: `(dq, dk, dv)` from the forward's inputs, output, log-sum-exp and `d_out`.
@@ -175,44 +163,48 @@ pub fn flash_backward(
     d_out: &[f32],
     s: FlashShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let FlashShape { batch, heads, tq, tk, dim, .. } = s;
-    let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..batch * heads)
-        .into_par_iter()
-        .map(|bh| {
+    let FlashShape { heads, tq, tk, dim, .. } = s;
+    // Gradient accumulators, one disjoint slice of each per (batch, head).
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    dq.par_chunks_mut(tq * dim)
+        .zip(dk.par_chunks_mut(tk * dim))
+        .zip(dv.par_chunks_mut(tk * dim))
+        .enumerate()
+        .for_each(|(bh, ((dq, dk), dv))| {
             let b = bh / heads;
             let qs = bh * tq * dim..(bh + 1) * tq * dim;
             let ks = bh * tk * dim..(bh + 1) * tk * dim;
-            backward_head(
-                &q[qs.clone()],
-                &k[ks.clone()],
-                &v[ks],
-                &key_mask[b * tk..(b + 1) * tk],
-                &out[qs.clone()],
-                &lse[bh * tq..(bh + 1) * tq],
-                &d_out[qs],
-                s,
-            )
-        })
-        .collect();
-    let mut dq = Vec::with_capacity(q.len());
-    let mut dk = Vec::with_capacity(k.len());
-    let mut dv = Vec::with_capacity(v.len());
-    for (a, b, c) in per_head {
-        dq.extend(a);
-        dk.extend(b);
-        dv.extend(c);
-    }
+            let inputs = HeadInputs {
+                q: &q[qs.clone()],
+                k: &k[ks.clone()],
+                v: &v[ks],
+                key_mask: &key_mask[b * tk..(b + 1) * tk],
+                out: &out[qs.clone()],
+                lse: &lse[bh * tq..(bh + 1) * tq],
+                d_out: &d_out[qs],
+            };
+            backward_head(&inputs, s, dq, dk, dv);
+        });
     (dq, dk, dv)
+}
+
+/// One head's slices of the backward's inputs.
+#[derive(Clone, Copy)]
+struct HeadInputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    key_mask: &'a [f32],
+    out: &'a [f32],
+    lse: &'a [f32],
+    d_out: &'a [f32],
 }
 
 /// One head: for each key tile, every query tile that sees it recomputes `P = exp(S − lse)` and
 /// adds its share to dV, dK (this tile) and dQ (that query tile).
-#[allow(clippy::too_many_arguments)]
-fn backward_head(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], out: &[f32], lse: &[f32], d_out: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    let HeadInputs { q, k, v, key_mask, out, lse, d_out } = *inputs;
     let FlashShape { tq, tk, dim, scale, .. } = s;
-    let mut dq = vec![0f32; tq * dim];
-    let mut dk = vec![0f32; tk * dim];
-    let mut dv = vec![0f32; tk * dim];
     // D_i = rowsum(dO ∘ O).
     let delta: Vec<f32> = (0..tq).map(|i| (0..dim).map(|c| d_out[i * dim + c] * out[i * dim + c]).sum()).collect();
     let mut p = vec![0f32; TILE * TILE];
@@ -251,7 +243,6 @@ fn backward_head(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], out: &[f32],
             matmul(&mut dq[r0 * dim..(r0 + rows) * dim], &dp, k_tile, rows, dim, cols, false, false, true);
         }
     }
-    (dq, dk, dv)
 }
 
 mod flex {

@@ -9,7 +9,7 @@ use burn::backend::tensor::IntTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Int, Tensor};
 pub use cpu::{lcs_group_bit_parallel, lcs_length_bit_parallel};
-pub use reference::{lcs_length_dp, lcs_similarity_reference};
+pub use reference::{lcs_group_dp, lcs_length_dp, lcs_similarity_reference};
 
 /// Which implementation computes LCS lengths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -66,17 +66,3 @@ pub(crate) fn group_sequences(
     out
 }
 
-/// `[N, N]` LCS lengths of one group by dynamic programming (the reference driver).
-pub(crate) fn lcs_group_dp(seqs: &[&[i64]]) -> Vec<i64> {
-    let n = seqs.len();
-    let mut out = vec![-1i64; n * n];
-    for i in 0..n {
-        out[i * n + i] = seqs[i].len() as i64;
-        for j in i + 1..n {
-            let v = lcs_length_dp(seqs[i], seqs[j]) as i64;
-            out[i * n + j] = v;
-            out[j * n + i] = v;
-        }
-    }
-    out
-}
