@@ -60,8 +60,8 @@ pub struct Config {
     pub kernels: KernelsConfig,
 }
 
-/// `kernels`: which implementation of each op the run uses. `fused` ops run on the `flex`
-/// device in this version.
+/// `kernels`: which implementation of each op the run uses. `fused` runs polyburn's own kernels:
+/// Rust on the `flex` device, CubeCL on `wgpu`/`cuda`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelsConfig {
@@ -71,26 +71,20 @@ pub struct KernelsConfig {
     pub diversity: polyburn_kernels::diversity::DiversityImpl,
     /// LCS lengths for the `lcs` diversity.
     pub lcs: polyburn_kernels::lcs::LcsImpl,
+    /// Fused LCS batches with fewer dynamic-programming cells (groups · N² · L²) than this run
+    /// on the CPU even on a GPU device; larger ones run the CubeCL kernel.
+    pub lcs_gpu_min_cells: u64,
 }
 
 impl Default for KernelsConfig {
     fn default() -> Self {
         use polyburn_kernels::{attention::AttentionImpl, diversity::DiversityImpl, lcs::LcsImpl};
-        Self { attention: AttentionImpl::Fused, diversity: DiversityImpl::Fused, lcs: LcsImpl::Fused }
-    }
-}
-
-impl KernelsConfig {
-    /// The config fields set to `fused` (they need the flex device).
-    fn fused_fields(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        if self.attention == polyburn_kernels::attention::AttentionImpl::Fused {
-            v.push("kernels.attention");
+        Self {
+            attention: AttentionImpl::Fused,
+            diversity: DiversityImpl::Fused,
+            lcs: LcsImpl::Fused,
+            lcs_gpu_min_cells: polyburn_kernels::lcs::DEFAULT_GPU_MIN_CELLS,
         }
-        if self.diversity == polyburn_kernels::diversity::DiversityImpl::Fused {
-            v.push("kernels.diversity");
-        }
-        v
     }
 }
 
@@ -602,11 +596,6 @@ impl Config {
         check(t.eval_batches > 0, "training.eval_batches", "must be > 0");
         check(t.log_every > 0, "training.log_every", "must be > 0");
         check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0");
-        if self.run.device != "flex" {
-            for field in self.kernels.fused_fields() {
-                check(false, field, "`fused` runs on the flex device in this version; set it to `reference` for wgpu/cuda");
-            }
-        }
         let ob = &self.objective;
         if ob.kind.samples() {
             check(ob.n_samples >= 2, "objective.n_samples", "must be >= 2 (diversity and group baselines need pairs)");

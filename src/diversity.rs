@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use anyhow::{Result, bail};
-use polyburn_kernels::lcs::{LcsImpl, lcs_group_bit_parallel, lcs_group_dp};
+use burn::tensor::Device;
+use polyburn_kernels::lcs::{LcsImpl, lcs_group_dp, lcs_groups};
 
 /// Which diversity a polychromic objective multiplies into its set score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -129,17 +130,28 @@ pub fn self_bleu<T: Hash + Eq + Clone>(replies: &[Vec<T>]) -> f64 {
 /// `1 − mean over pairs of LCS(a, b) / max(|a|, |b|)` over token ids; two empty replies are
 /// identical. LCS lengths come from the bit-parallel kernel or the dynamic program.
 pub fn lcs_diversity(replies: &[Vec<u32>], implementation: LcsImpl) -> f64 {
+    lcs_diversities(&[replies.to_vec()], implementation, &Device::flex(), u64::MAX)[0]
+}
+
+/// [`lcs_diversity`] of many groups in one batch: the fused LCS of all groups runs on the CPU,
+/// or on `device` when it is a GPU and the batch has at least `gpu_min_cells` DP cells
+/// (`kernels.lcs_gpu_min_cells`).
+pub fn lcs_diversities(groups: &[Vec<Vec<u32>>], implementation: LcsImpl, device: &Device, gpu_min_cells: u64) -> Vec<f64> {
+    // Each sequence is converted (and, on the CPU, its bit masks built) once per batch.
+    let ids: Vec<Vec<Vec<i64>>> = groups.iter().map(|g| g.iter().map(|r| r.iter().map(|&t| t as i64).collect()).collect()).collect();
+    let seqs: Vec<Vec<&[i64]>> = ids.iter().map(|g| g.iter().map(Vec::as_slice).collect()).collect();
+    let matrices = match implementation {
+        LcsImpl::Fused => lcs_groups(&seqs, device, gpu_min_cells),
+        LcsImpl::Reference => seqs.iter().map(|g| lcs_group_dp(g)).collect(),
+    };
+    groups.iter().zip(&matrices).map(|(g, lcs)| diversity_from_lcs(g, lcs)).collect()
+}
+
+fn diversity_from_lcs(replies: &[Vec<u32>], lcs: &[i64]) -> f64 {
     let n = replies.len();
     if n < 2 {
         return 0.0;
     }
-    // The whole group at once: each sequence is converted (and its bit masks built) once.
-    let ids: Vec<Vec<i64>> = replies.iter().map(|r| r.iter().map(|&t| t as i64).collect()).collect();
-    let seqs: Vec<&[i64]> = ids.iter().map(Vec::as_slice).collect();
-    let lcs = match implementation {
-        LcsImpl::Fused => lcs_group_bit_parallel(&seqs),
-        LcsImpl::Reference => lcs_group_dp(&seqs),
-    };
     let mut total = 0.0;
     for i in 0..n {
         for j in i + 1..n {

@@ -13,7 +13,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
-use polyburn_kernels::lcs::{LcsImpl, lcs_similarity};
+use polyburn_kernels::lcs::{LcsImpl, lcs_groups, lcs_similarity};
 use serde::Serialize;
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
@@ -103,19 +103,30 @@ impl fmt::Display for KernelTable {
     }
 }
 
-/// Median wall time (ms) of `repeats` runs after one warm-up, and the largest peak seen.
-fn time(repeats: usize, mut f: impl FnMut()) -> (f64, Option<usize>) {
-    f();
-    let mut times = Vec::new();
-    let mut peak = None;
-    for _ in 0..repeats {
-        let start = Instant::now();
-        let ((), p) = measure_peak(&mut f);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
-        peak = peak.max(p);
+/// A device the sweep runs on. Host peaks are only meaningful on the CPU (flex): a GPU
+/// device's buffers are not host allocations, so its peaks are reported as unknown.
+struct BenchDevice {
+    device: Device,
+    name: &'static str,
+    host_memory: bool,
+}
+
+impl BenchDevice {
+    /// Median wall time (ms) of `repeats` runs after one warm-up, and the largest peak seen.
+    /// Every measured closure reads its results back, so GPU work is finished when it returns.
+    fn time(&self, repeats: usize, mut f: impl FnMut()) -> (f64, Option<usize>) {
+        f();
+        let mut times = Vec::new();
+        let mut peak = None;
+        for _ in 0..repeats {
+            let start = Instant::now();
+            let ((), p) = measure_peak(&mut f);
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+            peak = peak.max(p);
+        }
+        times.sort_by(f64::total_cmp);
+        (times[times.len() / 2], if self.host_memory { peak } else { None })
     }
-    times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], peak)
 }
 
 fn record(op: &str, device: &str, size: String, fused: (f64, Option<usize>), reference: (f64, Option<usize>)) -> KernelRecord {
@@ -148,8 +159,8 @@ impl Default for KernelBenchOptions {
 /// Attention forward + backward (B = 4, H = 4, Dh = 64, causal) on an autodiff device:
 /// fused vs polyburn's reference, and fused vs Burn's own `attention` (which runs its unfused
 /// fallback under autodiff).
-fn bench_attention(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
-    let ad = device.clone().autodiff();
+fn bench_attention(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (ad, name) = (d.device.clone().autodiff(), d.name);
     for &t in &o.attention_t {
         ad.seed(t as u64);
         let shape = [4, 4, t, 64];
@@ -163,9 +174,9 @@ fn bench_attention(device: &Device, name: &str, o: &KernelBenchOptions, out: &mu
             }
         };
         let ours = |implementation| move |q, k, v| attention(q, k, v, AttentionOptions { causal: true, ..Default::default() }, implementation);
-        let fused = time(o.repeats, || run(&ours(AttentionImpl::Fused)));
-        let reference = time(o.repeats, || run(&ours(AttentionImpl::Reference)));
-        let burn = time(o.repeats, || {
+        let fused = d.time(o.repeats, || run(&ours(AttentionImpl::Fused)));
+        let reference = d.time(o.repeats, || run(&ours(AttentionImpl::Reference)));
+        let burn = d.time(o.repeats, || {
             run(&|q, k, v| burn_attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: true }))
         });
         out.push(record("flash_attention_fwd_bwd", name, format!("T={t}"), fused, reference));
@@ -174,8 +185,8 @@ fn bench_attention(device: &Device, name: &str, o: &KernelBenchOptions, out: &mu
 }
 
 /// Diversity forward + backward, N = 8, D = 384.
-fn bench_diversity(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
-    let ad = device.clone().autodiff();
+fn bench_diversity(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (ad, name) = (d.device.clone().autodiff(), d.name);
     for &g in &o.diversity_g {
         ad.seed(g as u64);
         let e = Tensor::<3>::random([g, 8, 384], Distribution::Normal(0.0, 1.0), &ad);
@@ -184,14 +195,15 @@ fn bench_diversity(device: &Device, name: &str, o: &KernelBenchOptions, out: &mu
             let grads = pairwise_cosine_diversity(e.clone(), implementation).sum().backward();
             let _ = e.grad(&grads).expect("gradient").into_data();
         };
-        let fused = time(o.repeats, || run(DiversityImpl::Fused));
-        let reference = time(o.repeats, || run(DiversityImpl::Reference));
+        let fused = d.time(o.repeats, || run(DiversityImpl::Fused));
+        let reference = d.time(o.repeats, || run(DiversityImpl::Reference));
         out.push(record("pairwise_cosine_diversity", name, format!("G={g},N=8,D=384"), fused, reference));
     }
 }
 
 /// LCS lengths of every pair of 64 groups × 8 sequences (alphabet 64).
-fn bench_lcs(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (device, name) = (&d.device, d.name);
     for &l in &o.lcs_l {
         let (g, n) = (64, 8);
         let mut rng = crate::rng::SplitMix64::new(l as u64);
@@ -201,20 +213,37 @@ fn bench_lcs(device: &Device, name: &str, o: &KernelBenchOptions, out: &mut Vec<
         let run = |implementation| {
             let _ = lcs_similarity(t.clone(), len.clone(), implementation).into_data();
         };
-        let fused = time(o.repeats, || run(LcsImpl::Fused));
-        let reference = time(o.repeats, || run(LcsImpl::Reference));
+        let fused = d.time(o.repeats, || run(LcsImpl::Fused));
+        let reference = d.time(o.repeats, || run(LcsImpl::Reference));
         out.push(record("lcs_similarity", name, format!("G=64,N=8,L={l}"), fused, reference));
+        if d.host_memory {
+            continue;
+        }
+        // Where `kernels.lcs_gpu_min_cells` comes from: the same host sequences through the
+        // GPU kernel (`fused_ms`, transfers included) and the CPU bit-parallel code
+        // (`reference_ms`); `ratio` > 1 means the GPU wins at this size.
+        let host: Vec<Vec<i64>> = t.clone().into_data().convert::<i64>().try_into_vec::<i64>().unwrap().chunks(l).map(<[i64]>::to_vec).collect();
+        let groups: Vec<Vec<&[i64]>> = host.chunks(n).map(|g| g.iter().map(Vec::as_slice).collect()).collect();
+        let cells = (g * n * n * l * l) as u64;
+        let gpu = d.time(o.repeats, || drop(lcs_groups(&groups, device, 0)));
+        let cpu = d.time(o.repeats, || drop(lcs_groups(&groups, device, u64::MAX)));
+        out.push(record("lcs_gpu_vs_cpu", name, format!("cells={cells}"), gpu, cpu));
     }
 }
 
-/// Every op on every available device.
+/// Every op on every device compiled in: flex, and wgpu / cuda with those features.
 pub fn bench_kernels(o: &KernelBenchOptions) -> Result<KernelTable> {
+    #[allow(unused_mut)]
+    let mut devices = vec![BenchDevice { device: Device::flex(), name: "flex", host_memory: true }];
+    #[cfg(feature = "wgpu")]
+    devices.push(BenchDevice { device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), name: "wgpu", host_memory: false });
+    #[cfg(feature = "cuda")]
+    devices.push(BenchDevice { device: Device::cuda(0usize), name: "cuda", host_memory: false });
     let mut out = Vec::new();
-    let devices = [(Device::flex(), "flex")];
-    for (device, name) in &devices {
-        bench_diversity(device, name, o, &mut out);
-        bench_lcs(device, name, o, &mut out);
-        bench_attention(device, name, o, &mut out);
+    for d in &devices {
+        bench_diversity(d, o, &mut out);
+        bench_lcs(d, o, &mut out);
+        bench_attention(d, o, &mut out);
     }
     Ok(KernelTable(out))
 }

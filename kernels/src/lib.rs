@@ -5,5 +5,7 @@
 
 pub mod attention;
 pub mod diversity;
+#[cfg(feature = "cube")]
+mod cube_tensors;
 mod flex_tensors;
 pub mod lcs;

@@ -5,7 +5,7 @@
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity, pooled_cosine_diversity};
-use polyburn_kernels::lcs::{LcsImpl, lcs_similarity};
+use polyburn_kernels::lcs::{LcsImpl, lcs_group_dp, lcs_groups, lcs_similarity};
 
 /// `|fused − reference| ≤ atol + rtol · |reference|` element-wise.
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +32,16 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
 
+/// Flex, plus every Cube runtime compiled in: `--features wgpu` runs the CubeCL kernels on
+/// whatever adapter wgpu finds (Mesa's software Vulkan in CI), `--features cuda` on GPU 0.
 fn devices() -> Vec<Device> {
-    vec![Device::flex()]
+    #[allow(unused_mut)]
+    let mut devices = vec![Device::flex()];
+    #[cfg(feature = "wgpu")]
+    devices.push(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
+    #[cfg(feature = "cuda")]
+    devices.push(Device::cuda(0usize));
+    devices
 }
 
 /// Forward output and the gradients of `sum(out · w)` w.r.t. `inputs`, for one implementation.
@@ -117,11 +125,15 @@ fn pairwise_cosine_diversity_matches_reference_forward_and_gradients() {
                         assert_eq!(fused, vec![0.0; g], "{what}");
                         continue;
                     }
-                    let run = |implementation| {
-                        forward_and_grads(&[e.clone()], &w, |x| pairwise_cosine_diversity(x[0].clone(), implementation))
+                    let run = |e: &Tensor<3>, w: &Tensor<1>, implementation| {
+                        forward_and_grads(&[e.clone()], w, |x| pairwise_cosine_diversity(x[0].clone(), implementation))
                     };
-                    let (fused, fused_grads) = run(DiversityImpl::Fused);
-                    let (reference, reference_grads) = run(DiversityImpl::Reference);
+                    let (fused, fused_grads) = run(&e, &w, DiversityImpl::Fused);
+                    // The reference runs on flex with the same inputs: on wgpu, Burn 0.22.1's own
+                    // fused reduce fails to expand the reference's `sum_dim` over D = 1.
+                    let flex = Device::flex().autodiff();
+                    let (e, w) = (Tensor::from_data(e.to_data(), &flex), Tensor::from_data(w.to_data(), &flex));
+                    let (reference, reference_grads) = run(&e, &w, DiversityImpl::Reference);
                     assert_close(&format!("{what}: diversity"), &fused, &reference, tol);
                     assert_close(&format!("{what}: gradient"), &fused_grads[0], &reference_grads[0], tol);
                 }
@@ -134,21 +146,28 @@ fn pairwise_cosine_diversity_matches_reference_forward_and_gradients() {
 fn pooled_diversity_of_100k_embeddings_runs_in_linear_memory() {
     // 50,000 copies of u and 50,000 of −u: ordered pairs of equal vectors have cosine 1,
     // opposite ones −1, so the mean over the M(M−1) pairs is −1/(M−1) exactly.
-    let m = 100_000;
+    for device in devices() {
+        pooled_diversity_case(&device);
+    }
+}
+
+fn pooled_diversity_case(device: &Device) {
+    // wgpu caps one buffer well below 100,000 × 384 floats (154 MB) on Mesa's software Vulkan.
+    let m = if *device == Device::flex() { 100_000 } else { 40_000 };
     let d = 384;
-    let device = Device::flex();
+    let device = device.clone();
     let u: Vec<f32> = (0..d).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
     let rows: Vec<f32> = (0..m).flat_map(|r| u.iter().map(move |x| if r % 2 == 0 { *x } else { -*x })).collect();
     let e = Tensor::<2>::from_data(TensorData::new(rows, [m, d]), &device);
     let got = values(pooled_cosine_diversity(e))[0] as f64;
     let want = 1.0 + 1.0 / (m as f64 - 1.0);
-    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    assert!((got - want).abs() < 1e-5, "{device:?}: {got} vs {want}");
     // And on a size the reference can hold, the pooled value equals the reference's.
     device.seed(3);
     let small = Tensor::<2>::random([300, 17], Distribution::Normal(0.0, 1.0), &device);
     let pooled = values(pooled_cosine_diversity(small.clone()));
     let reference = values(pairwise_cosine_diversity(small.reshape([1, 300, 17]), DiversityImpl::Reference));
-    assert_close("pooled vs reference", &pooled, &reference, Tolerance { atol: 1e-5, rtol: 1e-4 });
+    assert_close(&format!("{device:?}: pooled vs reference"), &pooled, &reference, Tolerance { atol: 1e-5, rtol: 1e-4 });
 }
 
 #[test]
@@ -169,6 +188,7 @@ fn lcs_similarity_equals_dynamic_programming_exactly() {
                 let tokens: Vec<i64> = (0..g * n * l).map(|_| next(alphabet)).collect();
                 // Lengths from 0 to L: empty and full sequences included.
                 let lengths: Vec<i64> = (0..g * n).map(|i| if i == 0 { 0 } else if i == 1 { l as i64 } else { next(l as u64 + 1) }).collect();
+                let (tokens_host, lengths_host) = (tokens.clone(), lengths.clone());
                 let t = Tensor::<3, Int>::from_data(TensorData::new(tokens, [g, n, l]), &device);
                 let len = Tensor::<2, Int>::from_data(TensorData::new(lengths, [g, n]), &device);
                 let ints = |x: Tensor<3, Int>| x.into_data().convert::<i64>().try_into_vec::<i64>().unwrap();
@@ -176,6 +196,15 @@ fn lcs_similarity_equals_dynamic_programming_exactly() {
                 let reference = ints(lcs_similarity(t, len, LcsImpl::Reference));
                 assert_eq!(fused, reference, "{device:?} L={l} alphabet={alphabet}");
                 assert!(fused.iter().all(|&x| x >= 0));
+                // Host sequences through the placement rule: threshold 0 sends every batch to a
+                // GPU device, the maximum keeps it on the CPU; both equal the dynamic program.
+                let seqs: Vec<Vec<&[i64]>> = (0..g)
+                    .map(|gi| (0..n).map(|i| &tokens_host[(gi * n + i) * l..(gi * n + i) * l + lengths_host[gi * n + i] as usize]).collect())
+                    .collect();
+                let dp: Vec<Vec<i64>> = seqs.iter().map(|s| lcs_group_dp(s)).collect();
+                for threshold in [0, u64::MAX] {
+                    assert_eq!(lcs_groups(&seqs, &device, threshold), dp, "{device:?} L={l} alphabet={alphabet} threshold={threshold}");
+                }
             }
         }
     }

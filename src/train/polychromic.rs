@@ -13,13 +13,12 @@ use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
-use polyburn_kernels::lcs::LcsImpl;
 
 use super::objective::{BatchTensors, sft_loss};
 use super::reward::Rewards;
-use crate::config::{Config, ObjectiveType};
+use crate::config::{Config, KernelsConfig, ObjectiveType};
 use crate::data::{Example, SampleSource, TextTokenizer};
-use crate::diversity::{DiversityMetric, lexical_diversity, semantic_diversity};
+use crate::diversity::{DiversityMetric, lcs_diversities, lexical_diversity, semantic_diversity};
 use crate::generate::{Decoding, SamplingOptions, generate_batch};
 use crate::model::encoder::{SentenceEncoder, mean_pool_normalized};
 use crate::model::{ForwardContext, Gpt};
@@ -198,7 +197,8 @@ impl PolicyTools {
     pub fn diversities(
         &self,
         metric: DiversityMetric,
-        lcs: LcsImpl,
+        kernels: &KernelsConfig,
+        device: &Device,
         groups: &[Vec<Vec<u32>>],
         texts: &[Vec<String>],
         stats: &mut SamplingStats,
@@ -213,7 +213,11 @@ impl PolicyTools {
                 Ok(v)
             }));
         }
-        stats.time("perf/diversity_ms", || groups.iter().map(|g| lexical_diversity(metric, g, lcs)).collect())
+        if metric == DiversityMetric::Lcs {
+            // All groups in one batch, so a large one can go to the GPU in a single launch.
+            return Ok(stats.time("perf/diversity_ms", || lcs_diversities(groups, kernels.lcs, device, kernels.lcs_gpu_min_cells)));
+        }
+        stats.time("perf/diversity_ms", || groups.iter().map(|g| lexical_diversity(metric, g, kernels.lcs)).collect())
     }
 }
 
@@ -309,7 +313,7 @@ pub fn sampling_loss(
     if !all.iter().all(|r| r.is_finite()) {
         bail!("a reward is not finite");
     }
-    let diversities = tools.diversities(ob.diversity, config.kernels.lcs, &sets_of(&replies, set_size), &sets_of(&texts, set_size), &mut stats)?;
+    let diversities = tools.diversities(ob.diversity, &config.kernels, device, &sets_of(&replies, set_size), &sets_of(&texts, set_size), &mut stats)?;
     let mut advantages = Vec::with_capacity(rows.len());
     match ob.kind {
         ObjectiveType::Grpo => {

@@ -7,6 +7,8 @@
 
 mod backward;
 mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 mod reference;
 
 use burn::backend::tensor::FloatTensor;
@@ -41,9 +43,10 @@ pub struct AttentionOptions {
 
 /// Flash attention as a custom op. `key_mask [B, Tk]` is 1.0 for padded keys, 0.0 otherwise.
 /// Query rows that see no key at all output zeros.
-#[backend_extension(Autodiff, Flex)]
+#[backend_extension(Autodiff, Flex, Cube: cfg(feature = "cube"), Fusion: cfg(feature = "cube"))]
 pub trait FlashAttentionBackend: Backend {
     /// `softmax(q kᵀ · scale) v`, differentiable under Autodiff.
+    #[fusion(dtype = q, shape = q)]
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -54,6 +57,7 @@ pub trait FlashAttentionBackend: Backend {
     ) -> FloatTensor<Self>;
 
     /// Output `[B, H, Tq, D]` and the per-row log-sum-exp `[B, H, Tq]` the backward needs.
+    #[fusion(meta = |q, _k, _v, _key_mask, _causal, _scale| (q.clone(), log_sum_exp_spec(q)))]
     fn flash_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -65,6 +69,7 @@ pub trait FlashAttentionBackend: Backend {
 
     /// `(dq, dk, dv)`, recomputing the scores tile by tile.
     #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |_q, k, v, _key_mask, out, _lse, _d_out, _causal, _scale| (out.clone(), k.clone(), v.clone()))]
     fn flash_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -76,6 +81,14 @@ pub trait FlashAttentionBackend: Backend {
         causal: bool,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The `[B, H, Tq]` log-sum-exp beside a `[B, H, Tq, D]` output, for Fusion's lazy graph.
+#[cfg(feature = "cube")]
+fn log_sum_exp_spec(q: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::fusion::custom::TensorSpec {
+    let mut spec = q.clone();
+    spec.shape = burn::tensor::Shape::new([q.shape[0], q.shape[1], q.shape[2]]);
+    spec
 }
 
 /// The fused flash attention (differentiable on an autodiff device).

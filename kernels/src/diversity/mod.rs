@@ -8,6 +8,8 @@
 
 mod backward;
 mod cpu;
+#[cfg(feature = "cube")]
+mod cube;
 mod reference;
 
 use burn::backend::tensor::FloatTensor;
@@ -27,13 +29,21 @@ pub enum DiversityImpl {
 }
 
 /// The diversity as a custom op.
-#[backend_extension(Autodiff, Flex)]
+#[backend_extension(Autodiff, Flex, Cube: cfg(feature = "cube"), Fusion: cfg(feature = "cube"))]
 pub trait DiversityBackend: Backend {
     /// `[G, N, D]` → `[G]`.
+    #[fusion(dtype = embeddings, shape = per_group(embeddings))]
     fn pairwise_cosine_diversity(embeddings: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Gradient w.r.t. the embeddings given the upstream gradient `[G]`.
+    #[fusion(dtype = embeddings, shape = embeddings)]
     fn pairwise_cosine_diversity_backward(embeddings: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// The `[G]` output shape of `[G, N, D]` embeddings (Fusion's lazy graph needs it up front).
+#[cfg(feature = "cube")]
+fn per_group(embeddings: &burn::tensor::Shape) -> burn::tensor::Shape {
+    burn::tensor::Shape::new([embeddings[0]])
 }
 
 /// `[G, N, D]` embeddings → `[G]` mean pairwise cosine distance per group. A group of one
