@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_groups, lcs_similarity};
@@ -142,6 +142,12 @@ fn record(op: &str, device: &str, size: String, fused: (f64, Option<usize>), ref
     }
 }
 
+/// Every timed call starts from host data, as the ops' callers do, so no device can serve a
+/// result computed for an earlier call on the same tensors.
+fn upload<const D: usize>(data: &TensorData, device: &Device) -> Tensor<D> {
+    Tensor::from_data(data.clone(), device)
+}
+
 /// Which sizes to sweep.
 pub struct KernelBenchOptions {
     pub attention_t: Vec<usize>,
@@ -165,9 +171,10 @@ fn bench_attention(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<Kernel
         ad.seed(t as u64);
         let shape = [4, 4, t, 64];
         let normal = Distribution::Normal(0.0, 1.0);
-        let (q, k, v) = (Tensor::<4>::random(shape, normal, &ad), Tensor::<4>::random(shape, normal, &ad), Tensor::<4>::random(shape, normal, &ad));
+        let host = || Tensor::<4>::random(shape, normal, &ad).into_data();
+        let (q, k, v) = (host(), host(), host());
         let run = |f: &dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>| {
-            let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+            let (q, k, v) = (upload(&q, &ad).require_grad(), upload(&k, &ad).require_grad(), upload(&v, &ad).require_grad());
             let grads = f(q.clone(), k.clone(), v.clone()).sum().backward();
             for x in [&q, &k, &v] {
                 let _ = x.grad(&grads).expect("gradient").into_data();
@@ -189,9 +196,9 @@ fn bench_diversity(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<Kernel
     let (ad, name) = (d.device.clone().autodiff(), d.name);
     for &g in &o.diversity_g {
         ad.seed(g as u64);
-        let e = Tensor::<3>::random([g, 8, 384], Distribution::Normal(0.0, 1.0), &ad);
+        let e = Tensor::<3>::random([g, 8, 384], Distribution::Normal(0.0, 1.0), &ad).into_data();
         let run = |implementation| {
-            let e = e.clone().require_grad();
+            let e: Tensor<3> = upload(&e, &ad).require_grad();
             let grads = pairwise_cosine_diversity(e.clone(), implementation).sum().backward();
             let _ = e.grad(&grads).expect("gradient").into_data();
         };
@@ -208,10 +215,10 @@ fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord
         let (g, n) = (64, 8);
         let mut rng = crate::rng::SplitMix64::new(l as u64);
         let tokens: Vec<i64> = (0..g * n * l).map(|_| rng.below(64) as i64).collect();
-        let t = Tensor::<3, Int>::from_data(TensorData::new(tokens, [g, n, l]), device);
-        let len = Tensor::<2, Int>::from_data(TensorData::new(vec![l as i64; g * n], [g, n]), device);
+        let t = TensorData::new(tokens.clone(), [g, n, l]);
+        let len = TensorData::new(vec![l as i64; g * n], [g, n]);
         let run = |implementation| {
-            let _ = lcs_similarity(t.clone(), len.clone(), implementation).into_data();
+            let _ = lcs_similarity(Tensor::from_data(t.clone(), device), Tensor::from_data(len.clone(), device), implementation).into_data();
         };
         let fused = d.time(o.repeats, || run(LcsImpl::Fused));
         let reference = d.time(o.repeats, || run(LcsImpl::Reference));
@@ -222,7 +229,7 @@ fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord
         // Where `kernels.lcs_gpu_min_cells` comes from: the same host sequences through the
         // GPU kernel (`fused_ms`, transfers included) and the CPU bit-parallel code
         // (`reference_ms`); `ratio` > 1 means the GPU wins at this size.
-        let host: Vec<Vec<i64>> = t.clone().into_data().convert::<i64>().try_into_vec::<i64>().unwrap().chunks(l).map(<[i64]>::to_vec).collect();
+        let host: Vec<Vec<i64>> = tokens.chunks(l).map(<[i64]>::to_vec).collect();
         let groups: Vec<Vec<&[i64]>> = host.chunks(n).map(|g| g.iter().map(Vec::as_slice).collect()).collect();
         let cells = (g * n * n * l * l) as u64;
         let gpu = d.time(o.repeats, || drop(lcs_groups(&groups, device, 0)));
