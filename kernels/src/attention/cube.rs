@@ -114,7 +114,7 @@ mod kernels {
     }
 
     /// One query row of `dq = scale · Σ_j p_ij (dp_ij − δ_i) k_j`, with `p_ij = exp(s_ij − lse_i)`,
-    /// `dp_ij = dO_i · v_j` and `δ_i = dO_i · O_i`.
+    /// `dp_ij = dO_i · v_j` and `δ_i = dO_i · O_i`; also stores `δ_i` for the `dk`/`dv` pass.
     #[cube(launch)]
     pub fn backward_dq<F: Float>(
         q: &Tensor<F>,
@@ -125,6 +125,7 @@ mod kernels {
         lse: &Tensor<F>,
         d_out: &Tensor<F>,
         dq: &mut Tensor<F>,
+        delta: &mut Tensor<F>,
         heads: usize,
         tq: usize,
         tk: usize,
@@ -144,14 +145,15 @@ mod kernels {
         for c in 0..dim {
             dq[row * dim + c] = F::new(0.0);
         }
-        let delta = dot::<F>(d_out, row, out, row, dim);
+        let row_delta = dot::<F>(d_out, row, out, row, dim);
+        delta[row] = row_delta;
         let row_lse = lse[row];
         let n = visible_keys(i, tq, tk, causal);
         for j in 0..n {
             if key_mask[b * tk + j] == F::new(0.0) {
                 let key = bh * tk + j;
                 let p = F::exp(dot::<F>(q, row, k, key, dim) * scale - row_lse);
-                let ds = p * (dot::<F>(d_out, row, v, key, dim) - delta) * scale;
+                let ds = p * (dot::<F>(d_out, row, v, key, dim) - row_delta) * scale;
                 for c in 0..dim {
                     dq[row * dim + c] += ds * k[key * dim + c];
                 }
@@ -159,14 +161,15 @@ mod kernels {
         }
     }
 
-    /// One key row of `dv = Σ_i p_ij dO_i` and `dk = scale · Σ_i p_ij (dp_ij − δ_i) q_i`.
+    /// One key row of `dv = Σ_i p_ij dO_i` and `dk = scale · Σ_i p_ij (dp_ij − δ_i) q_i`, with the
+    /// `δ_i` the `dq` pass stored.
     #[cube(launch)]
     pub fn backward_dkdv<F: Float>(
         q: &Tensor<F>,
         k: &Tensor<F>,
         v: &Tensor<F>,
         key_mask: &Tensor<F>,
-        out: &Tensor<F>,
+        delta: &Tensor<F>,
         lse: &Tensor<F>,
         d_out: &Tensor<F>,
         dk: &mut Tensor<F>,
@@ -195,7 +198,7 @@ mod kernels {
             for i in first_query(j, tq, tk, causal)..tq {
                 let row = bh * tq + i;
                 let p = F::exp(dot::<F>(q, row, k, key, dim) * scale - lse[row]);
-                let ds = p * (dot::<F>(d_out, row, v, key, dim) - dot::<F>(d_out, row, out, row, dim)) * scale;
+                let ds = p * (dot::<F>(d_out, row, v, key, dim) - delta[row]) * scale;
                 for c in 0..dim {
                     dv[key * dim + c] += p * d_out[row * dim + c];
                     dk[key * dim + c] += ds * q[row * dim + c];
@@ -274,6 +277,8 @@ impl FlashAttentionBackend for CubeBackend {
         let (b, h, tq, tk, d) = shape_of(&q, &k);
         let dq = poisoned(&q, [b, h, tq, d]);
         let (dk, dv) = (poisoned(&q, [b, h, tk, d]), poisoned(&q, [b, h, tk, d]));
+        // δ_i = dO_i · O_i, computed once per query row by the dq pass.
+        let delta = poisoned(&q, [b, h, tq]);
         let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
         if let Some((count, dim)) = grid(&q, b * h * tq) {
             kernels::backward_dq::launch(
@@ -288,6 +293,7 @@ impl FlashAttentionBackend for CubeBackend {
                 arg(&lse),
                 arg(&d_out),
                 arg(&dq),
+                arg(&delta),
                 h,
                 tq,
                 tk,
@@ -306,7 +312,7 @@ impl FlashAttentionBackend for CubeBackend {
                 arg(&k),
                 arg(&v),
                 arg(&key_mask),
-                arg(&out),
+                arg(&delta),
                 arg(&lse),
                 arg(&d_out),
                 arg(&dk),
