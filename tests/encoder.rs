@@ -1,5 +1,5 @@
 //! The BERT sentence encoder against sentence-transformers' all-MiniLM-L6-v2 embeddings
-//! (`../shared/fixtures/minilm_l6_v2_reference.jsonl`). The model must be in the Hugging
+//! (`tests/fixtures/minilm_l6_v2_reference.jsonl`). The model must be in the Hugging
 //! Face cache: `.ci/fetch-minilm` puts it there.
 
 mod common;
@@ -7,7 +7,7 @@ mod common;
 use polyburn::model::encoder::{DEFAULT_ENCODER, SentenceEncoder};
 
 fn reference() -> Vec<(String, Vec<f32>)> {
-    let path = common::shared_dir().join("fixtures/minilm_l6_v2_reference.jsonl");
+    let path = common::fixtures_dir().join("minilm_l6_v2_reference.jsonl");
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()

@@ -1,4 +1,4 @@
-//! Hugging Face import: outputs equal the transformers reference (`../shared/fixtures`).
+//! Hugging Face import: outputs equal the transformers reference (`tests/fixtures`).
 
 mod common;
 
@@ -8,7 +8,7 @@ use polyburn::model::ForwardContext;
 use polyburn::model::hf::load_pretrained;
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    repo_root().join("../shared/fixtures").join(name)
+    repo_root().join("tests/fixtures").join(name)
 }
 
 fn reference(name: &str) -> serde_json::Value {

@@ -11,7 +11,7 @@ use polyburn::train::trainer::{build_model, load_checkpointed_model};
 const ALL_TARGETS: &str = "lora.target_modules=[q, k, v, o, gate, up, down]";
 
 fn llama() -> String {
-    repo_root().join("../shared/fixtures/tiny-llama").display().to_string()
+    repo_root().join("tests/fixtures/tiny-llama").display().to_string()
 }
 
 fn logits(model: &polyburn::model::Gpt) -> Vec<f32> {

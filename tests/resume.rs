@@ -58,13 +58,13 @@ fn resumed_run_continues_the_alpha_schedule() {
 
 #[test]
 fn fine_tuning_a_pretrained_llama_resumes_exactly() {
-    let llama = repo_root().join("../shared/fixtures/tiny-llama");
+    let llama = repo_root().join("tests/fixtures/tiny-llama");
     assert_resume_is_exact(&[&format!("model.pretrained={}", llama.display())]);
 }
 
 #[test]
 fn lora_fine_tuning_resumes_exactly() {
-    let llama = repo_root().join("../shared/fixtures/tiny-llama");
+    let llama = repo_root().join("tests/fixtures/tiny-llama");
     assert_resume_is_exact(&[
         &format!("model.pretrained={}", llama.display()),
         "lora.rank=4",

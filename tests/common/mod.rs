@@ -114,9 +114,9 @@ pub fn logits_of(model: &polyburn::model::Gpt, tokens: &[i64]) -> Vec<f32> {
     model.forward(input, &context).into_data().try_to_vec::<f32>().unwrap()
 }
 
-/// `../shared` beside the clone (fixtures, data); CI has it.
-pub fn shared_dir() -> PathBuf {
-    repo_root().join("../shared")
+/// The outside references the tests compare against (`tests/fixtures/README.md`).
+pub fn fixtures_dir() -> PathBuf {
+    repo_root().join("tests/fixtures")
 }
 
 /// Runs polyburn with `input` on stdin.
