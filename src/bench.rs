@@ -37,6 +37,8 @@ pub struct TrainBenchReport {
     pub matmul_size: usize,
     /// `reference` or `fused` (`kernels.attention`).
     pub attention: String,
+    /// `reference` or `fused` (`kernels.cross_entropy`).
+    pub cross_entropy: String,
     pub context_length: usize,
     /// Peak live heap bytes during the timed steps above the level before them (the
     /// `polyburn` binary's counting allocator; absent in library use).
@@ -45,7 +47,11 @@ pub struct TrainBenchReport {
 
 impl fmt::Display for TrainBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "polyburn bench train ({}, {} attention, context {})", self.device, self.attention, self.context_length)?;
+        writeln!(
+            f,
+            "polyburn bench train ({}, {} attention, {} cross-entropy, context {})",
+            self.device, self.attention, self.cross_entropy, self.context_length
+        )?;
         writeln!(f, "  tokens/s          {:>12.1}", self.tokens_per_sec)?;
         writeln!(f, "  step              {:>12.1} ms ({} tokens)", self.step_ms, self.tokens_per_step)?;
         writeln!(f, "  matmul params     {:>12}", self.matmul_params)?;
@@ -156,6 +162,7 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
         tokens_per_step,
         matmul_size,
         attention: serde_yaml::to_string(&config.kernels.attention)?.trim().to_string(),
+        cross_entropy: serde_yaml::to_string(&config.kernels.cross_entropy)?.trim().to_string(),
         context_length: gpt.context_length,
         peak_bytes,
     })

@@ -71,6 +71,8 @@ pub struct KernelsConfig {
     pub diversity: polyburn_kernels::diversity::DiversityImpl,
     /// LCS lengths for the `lcs` diversity.
     pub lcs: polyburn_kernels::lcs::LcsImpl,
+    /// The LM head and cross-entropy of the training loss.
+    pub cross_entropy: polyburn_kernels::cross_entropy::CrossEntropyImpl,
     /// Fused LCS batches with fewer dynamic-programming cells (groups · N² · L²) than this run
     /// on the CPU even on a GPU device; larger ones run the CubeCL kernel.
     pub lcs_gpu_min_cells: u64,
@@ -83,6 +85,7 @@ impl Default for KernelsConfig {
             attention: AttentionImpl::Fused,
             diversity: DiversityImpl::Fused,
             lcs: LcsImpl::Fused,
+            cross_entropy: polyburn_kernels::cross_entropy::CrossEntropyImpl::Fused,
             lcs_gpu_min_cells: polyburn_kernels::lcs::DEFAULT_GPU_MIN_CELLS,
         }
     }

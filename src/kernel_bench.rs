@@ -12,6 +12,7 @@ use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
+use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_groups, lcs_similarity};
 use serde::Serialize;
@@ -153,12 +154,17 @@ pub struct KernelBenchOptions {
     pub attention_t: Vec<usize>,
     pub diversity_g: Vec<usize>,
     pub lcs_l: Vec<usize>,
+    pub cross_entropy_n: Vec<usize>,
     pub repeats: usize,
 }
 
 impl Default for KernelBenchOptions {
     fn default() -> Self {
-        Self { attention_t: vec![128, 256, 512, 1024, 2048], diversity_g: vec![64, 256, 1024, 4096], lcs_l: vec![16, 32, 64, 128, 256], repeats: 3 }
+        Self {
+            attention_t: vec![128, 256, 512, 1024, 2048], diversity_g: vec![64, 256, 1024, 4096], lcs_l: vec![16, 32, 64, 128, 256],
+            cross_entropy_n: vec![512, 2048],
+            repeats: 3,
+        }
     }
 }
 
@@ -208,6 +214,33 @@ fn bench_diversity(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<Kernel
     }
 }
 
+/// LM head + cross-entropy forward and backward at the bench model's head (D = 256,
+/// V = 8192, untied [V, D] head), every row counted.
+fn bench_cross_entropy(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (ad, name) = (d.device.clone().autodiff(), d.name);
+    let (dim, vocab) = (256, 8192);
+    for &n in &o.cross_entropy_n {
+        ad.seed(n as u64);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let hidden = Tensor::<2>::random([n, dim], normal, &ad).into_data();
+        let head = Tensor::<2>::random([vocab, dim], Distribution::Normal(0.0, 0.05), &ad).into_data();
+        let targets: Vec<i64> = (0..n).map(|i| ((i * 7919) % vocab) as i64).collect();
+        let targets = TensorData::new(targets, [n]);
+        let weights = TensorData::new(vec![1.0 / n as f32; n], [n]);
+        let run = |implementation| {
+            let (h, w): (Tensor<2>, Tensor<2>) = (upload(&hidden, &ad).require_grad(), upload(&head, &ad).require_grad());
+            let loss = linear_cross_entropy(h.clone(), w.clone(), Tensor::from_data(targets.clone(), &ad), upload(&weights, &ad), implementation);
+            let grads = loss.backward();
+            for x in [&h, &w] {
+                let _ = x.grad(&grads).expect("gradient").into_data();
+            }
+        };
+        let fused = d.time(o.repeats, || run(CrossEntropyImpl::Fused));
+        let reference = d.time(o.repeats, || run(CrossEntropyImpl::Reference));
+        out.push(record("linear_cross_entropy", name, format!("N={n},D={dim},V={vocab}"), fused, reference));
+    }
+}
+
 /// LCS lengths of every pair of 64 groups × 8 sequences (alphabet 64).
 fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
     let (device, name) = (&d.device, d.name);
@@ -248,6 +281,7 @@ pub fn bench_kernels(o: &KernelBenchOptions) -> Result<KernelTable> {
     devices.push(BenchDevice { device: Device::cuda(0usize), name: "cuda", host_memory: false });
     let mut out = Vec::new();
     for d in &devices {
+        bench_cross_entropy(d, o, &mut out);
         bench_diversity(d, o, &mut out);
         bench_lcs(d, o, &mut out);
         bench_attention(d, o, &mut out);

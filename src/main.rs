@@ -236,6 +236,9 @@ enum BenchCommand {
         /// LCS sequence lengths (64 groups × 8 sequences).
         #[arg(long, value_delimiter = ',', default_value = "16,32,64,128,256")]
         lcs_l: Vec<usize>,
+        /// LM head + cross-entropy rows (tokens; D = 256, V = 8192, forward + backward).
+        #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+        cross_entropy_n: Vec<usize>,
         /// Timed runs per measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
@@ -383,8 +386,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?;
             print_report(&report, json)
         }
-        Command::Bench { command: BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, repeats } } => {
-            let options = polyburn::kernel_bench::KernelBenchOptions { attention_t, diversity_g, lcs_l, repeats: repeats.max(1) };
+        Command::Bench { command: BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, cross_entropy_n, repeats } } => {
+            let options = polyburn::kernel_bench::KernelBenchOptions { attention_t, diversity_g, lcs_l, cross_entropy_n, repeats: repeats.max(1) };
             let table = polyburn::kernel_bench::bench_kernels(&options)?;
             if json {
                 println!("{}", serde_json::to_string(&table.0)?);

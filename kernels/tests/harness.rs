@@ -4,10 +4,11 @@
 
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
+use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity, pooled_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_group_dp, lcs_groups, lcs_similarity};
 
-/// `|fused − reference| ≤ atol + rtol · |reference|` element-wise.
+/// `|fused − reference| ≤ atol + rtol · |reference|` element-wise; a NaN on either side fails.
 #[derive(Debug, Clone, Copy)]
 struct Tolerance {
     atol: f32,
@@ -19,7 +20,7 @@ fn assert_close(what: &str, fused: &[f32], reference: &[f32], tol: Tolerance) {
     let mut worst = (0.0f32, 0usize);
     for (i, (a, b)) in fused.iter().zip(reference).enumerate() {
         let excess = (a - b).abs() - (tol.atol + tol.rtol * b.abs());
-        assert!(!a.is_nan() || b.is_nan(), "{what}: element {i} is NaN (unwritten or invalid), reference {b}");
+        assert!(!a.is_nan() && !b.is_nan(), "{what}: element {i} is NaN (unwritten or invalid): fused {a}, reference {b}");
         if excess > worst.0 {
             worst = (excess, i);
         }
@@ -71,6 +72,9 @@ fn flash_attention_matches_reference_forward_and_gradients() {
         (2, 2, 70, 70, 8, true, 9),
         (2, 2, 1, 33, 8, true, 0),   // decoding: one query against a cache of keys
         (1, 2, 7, 40, 5, true, 3),   // a chunk of queries after a cached prefix
+        (1, 2, 9, 4, 8, true, 0),    // more queries than keys: the first 5 see none (output 0)
+        (2, 2, 300, 300, 16, false, 7), // several 128-row tiles, not causal, padded
+        (1, 1, 200, 200, 32, true, 5),  // several tiles, causal and padded
     ];
     for device in devices() {
         let ad = device.clone().autodiff();
@@ -105,6 +109,76 @@ fn flash_attention_matches_reference_forward_and_gradients() {
     }
 }
 
+/// q, k, v as transposed views (`[B, T, H, D]` storage seen as `[B, H, T, D]`, as the model's
+/// head split makes them): the fused op must read strides, not assume contiguity.
+#[test]
+fn flash_attention_reads_strided_views() {
+    let tol = Tolerance { atol: 2e-5, rtol: 1e-4 };
+    for device in devices() {
+        let ad = device.clone().autodiff();
+        ad.seed(77);
+        let (b, t, h, d) = (2, 37, 3, 8);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let inputs: Vec<Tensor<4>> = (0..3).map(|_| Tensor::<4>::random([b, t, h, d], normal, &ad)).collect();
+        let weights = Tensor::<4>::random([b, h, t, d], normal, &ad);
+        let run = |implementation| {
+            forward_and_grads(&inputs, &weights, |x| {
+                let [q, k, v]: [Tensor<4>; 3] = x.try_into().unwrap();
+                let options = AttentionOptions { causal: true, ..Default::default() };
+                attention(q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2), options, implementation)
+            })
+        };
+        let (fused, fused_grads) = run(AttentionImpl::Fused);
+        let (reference, reference_grads) = run(AttentionImpl::Reference);
+        assert_close(&format!("{device:?} strided: output"), &fused, &reference, tol);
+        for (name, (f, r)) in ["dq", "dk", "dv"].iter().zip(fused_grads.iter().zip(&reference_grads)) {
+            assert_close(&format!("{device:?} strided: {name}"), f, r, tol);
+        }
+    }
+}
+
+/// The LM head + cross-entropy: loss and the gradients w.r.t. hidden states and head, fused
+/// vs reference, with zero-weight rows, several 256-row chunks, and a transposed head view.
+#[test]
+fn linear_cross_entropy_matches_reference_loss_and_gradients() {
+    let tol = Tolerance { atol: 1e-5, rtol: 1e-4 };
+    // (rows, dim, vocab, head given as a transposed [D, V] view)
+    let cases = [(1, 1, 2, false), (7, 3, 5, false), (33, 64, 67, true), (300, 17, 1000, false), (600, 8, 33, true)];
+    for device in devices() {
+        let ad = device.clone().autodiff();
+        for (case, &(n, d, v, transposed)) in cases.iter().enumerate() {
+            ad.seed(4000 + case as u64);
+            let normal = Distribution::Normal(0.0, 1.0);
+            let hidden = Tensor::<2>::random([n, d], normal, &ad);
+            let head = if transposed { Tensor::<2>::random([d, v], normal, &ad) } else { Tensor::<2>::random([v, d], normal, &ad) };
+            let targets: Vec<i64> = (0..n).map(|i| ((i * 7919 + case) % v) as i64).collect();
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [n]), &ad);
+            // Every third row is masked out (weight 0); the rest share the mean.
+            let kept = (0..n).filter(|i| i % 3 != 1).count().max(1);
+            let w: Vec<f32> = (0..n).map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / kept as f32 }).collect();
+            let weights = Tensor::<1>::from_data(TensorData::new(w, [n]), &ad);
+            let upstream = Tensor::<1>::from_data(TensorData::new(vec![1.7f32], [1]), &ad);
+            let inputs = [hidden, head];
+            let run = |implementation| {
+                forward_and_grads(&inputs, &upstream, |x| {
+                    let [hidden, head]: [Tensor<2>; 2] = x.try_into().unwrap();
+                    let head = if transposed { head.transpose() } else { head };
+                    linear_cross_entropy(hidden, head, targets.clone(), weights.clone(), implementation)
+                })
+            };
+            let (fused, fused_grads) = run(CrossEntropyImpl::Fused);
+            let (reference, reference_grads) = run(CrossEntropyImpl::Reference);
+            let what = format!("{device:?} N={n} D={d} V={v} transposed={transposed}");
+            assert_close(&format!("{what}: loss"), &fused, &reference, tol);
+            assert_close(&format!("{what}: d_hidden"), &fused_grads[0], &reference_grads[0], tol);
+            assert_close(&format!("{what}: d_head"), &fused_grads[1], &reference_grads[1], tol);
+            if n >= 2 {
+                assert!(fused_grads[0][d..2 * d].iter().all(|&g| g == 0.0), "{what}: masked row 1 got a gradient");
+            }
+        }
+    }
+}
+
 #[test]
 fn pairwise_cosine_diversity_matches_reference_forward_and_gradients() {
     let tol = Tolerance { atol: 1e-5, rtol: 1e-4 };
@@ -116,7 +190,11 @@ fn pairwise_cosine_diversity_matches_reference_forward_and_gradients() {
                 for d in [1, 3, 384] {
                     case += 1;
                     ad.seed(2000 + case);
-                    let e = Tensor::<3>::random([g, n, d], Distribution::Normal(0.0, 1.0), &ad);
+                    let mut e = Tensor::<3>::random([g, n, d], Distribution::Normal(0.0, 1.0), &ad);
+                    if g == 3 && n == 5 {
+                        // An all-zero row: its unit vector is 0 (norm clamped), on both sides.
+                        e = e.slice_assign([1..2, 2..3, 0..d], Tensor::zeros([1, 1, d], &ad));
+                    }
                     let w = Tensor::<1>::random([g], Distribution::Normal(0.0, 1.0), &ad);
                     let what = format!("{device:?} G={g} N={n} D={d}");
                     if n == 1 {

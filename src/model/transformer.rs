@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
+use polyburn_kernels::cross_entropy::CrossEntropyImpl;
 
 use super::gating::{GateSettings, GatedFfn, ffn_cost, gelu_with};
 use super::lora::{LoraAdapter, adapted};
@@ -481,17 +482,19 @@ pub struct ForwardContext {
     /// The trainer's global step: scheduled α values are read from it.
     pub global_step: u64,
     pub attention: AttentionImpl,
+    /// The LM head + cross-entropy of the training loss.
+    pub cross_entropy: CrossEntropyImpl,
 }
 
 impl ForwardContext {
     /// Reference attention at `global_step` (inference and tests).
     pub fn at_step(global_step: u64) -> Self {
-        Self { global_step, attention: AttentionImpl::default() }
+        Self { global_step, ..Self::default() }
     }
 
     /// What a run's config asks for at `global_step`.
     pub fn for_run(config: &crate::config::Config, global_step: u64) -> Self {
-        Self { global_step, attention: config.kernels.attention }
+        Self { global_step, attention: config.kernels.attention, cross_entropy: config.kernels.cross_entropy }
     }
 }
 
@@ -585,6 +588,14 @@ impl Gpt {
             x = block.forward(x, positions, layer, mask, context);
         }
         self.ln_final.forward(x)
+    }
+
+    /// The LM head as `[vocab, d_model]` (the token embedding when tied).
+    pub fn lm_head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => head.weight.val().transpose(), // Burn stores [d_in, d_out]
+            None => self.token_embedding.weight.val(),
+        }
     }
 
     /// Final hidden states → logits through the LM head (or the tied embedding).

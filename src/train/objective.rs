@@ -1,8 +1,8 @@
-//! Training objectives. `sft` (the only one so far): next-token cross-entropy averaged over
-//! the positions the batch's loss mask selects (all tokens for text, reply tokens for JSONL).
+//! The `sft` objective: next-token cross-entropy averaged over the positions the batch's loss
+//! mask selects (all tokens for text, reply tokens for JSONL).
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use polyburn_kernels::cross_entropy::linear_cross_entropy;
 
 use crate::data::Batch;
 use crate::model::{ForwardContext, Gpt};
@@ -28,49 +28,60 @@ impl BatchTensors {
     }
 }
 
-/// Mean cross-entropy of `logits [B, T, V]` against `targets [B, T]` over masked-in positions.
-pub fn masked_cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>, mask: Tensor<2>, count: usize) -> Tensor<1> {
-    let [batch, seq, _] = logits.dims();
-    let log_probs = log_softmax(logits, 2);
-    let picked = log_probs.gather(2, targets.reshape([batch, seq, 1])).reshape([batch, seq]);
-    (picked * mask).sum().neg().div_scalar(count.max(1) as f64)
-}
-
-/// The `sft` loss of `model` on one batch (`context`: the trainer's step and kernels).
+/// The `sft` loss of `model` on one batch (`context`: the trainer's step and kernels). The LM
+/// head and the cross-entropy run as one op (`kernels.cross_entropy`): with `fused`, the
+/// `[B·T, V]` logits never exist.
 pub fn sft_loss(model: &Gpt, batch: &BatchTensors, context: &ForwardContext) -> Tensor<1> {
-    let logits = model.forward(batch.inputs.clone(), context);
-    masked_cross_entropy(logits, batch.targets.clone(), batch.loss_mask.clone(), batch.loss_tokens)
+    let hidden = model.hidden(batch.inputs.clone(), context);
+    let [b, t, d] = hidden.dims();
+    let weights = batch.loss_mask.clone().reshape([b * t]).div_scalar(batch.loss_tokens.max(1) as f64);
+    linear_cross_entropy(hidden.reshape([b * t, d]), model.lm_head_weight(), batch.targets.clone().reshape([b * t]), weights, context.cross_entropy)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use polyburn_kernels::cross_entropy::CrossEntropyImpl;
+
+    const BOTH: [CrossEntropyImpl; 2] = [CrossEntropyImpl::Fused, CrossEntropyImpl::Reference];
+
+    fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values, shape), device)
+    }
 
     #[test]
     fn uniform_logits_give_log_vocab_and_mask_selects_positions() {
         let device = Device::flex();
-        let logits = Tensor::<3>::zeros([2, 3, 5], &device);
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 3, 4, 0], [2, 3]), &device);
-        let mask = Tensor::<2>::from_data(TensorData::new(vec![1f32, 1., 0., 1., 0., 0.], [2, 3]), &device);
-        let loss = masked_cross_entropy(logits, targets, mask, 3).into_scalar::<f32>();
-        assert!((loss - 5f32.ln()).abs() < 1e-6, "{loss}");
+        for implementation in BOTH {
+            // A zero head makes every logit 0: each counted position costs ln 5.
+            let hidden = tensor((0..18).map(|i| i as f32).collect(), [6, 3], &device);
+            let head = Tensor::<2>::zeros([5, 3], &device);
+            let targets = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 1, 2, 3, 4, 0], [6]), &device);
+            let weights = tensor(vec![1f32, 1., 0., 1., 0., 0.], [6], &device).div_scalar(3.0);
+            let loss = linear_cross_entropy(hidden, head, targets, weights, implementation).into_scalar::<f32>();
+            assert!((loss - 5f32.ln()).abs() < 1e-6, "{implementation:?}: {loss}");
+        }
     }
 
     #[test]
     fn masked_positions_do_not_change_the_loss() {
         let device = Device::flex();
-        let mut values: Vec<f32> = (0..30).map(|i| (i as f32 * 0.37).sin()).collect();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4, 0, 1], [2, 3]), &device);
-        let mask_vec = vec![1f32, 0., 1., 1., 0., 1.];
-        let loss = |v: &Vec<f32>| {
-            let logits = Tensor::<3>::from_data(TensorData::new(v.clone(), [2, 3, 5]), &device);
-            let mask = Tensor::<2>::from_data(TensorData::new(mask_vec.clone(), [2, 3]), &device);
-            masked_cross_entropy(logits, targets.clone(), mask, 4).into_scalar::<f32>()
-        };
-        let before = loss(&values);
-        for v in &mut values[5..10] {
-            *v += 3.0; // row 0, position 1: masked out
+        let head = tensor((0..20).map(|i| (i as f32 * 0.37).sin()).collect(), [5, 4], &device);
+        let targets = Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4, 0, 1], [6]), &device);
+        let weights = tensor(vec![1f32, 0., 1., 1., 0., 1.], [6], &device).div_scalar(4.0);
+        for implementation in BOTH {
+            let loss = |v: &Vec<f32>| {
+                let hidden = tensor(v.clone(), [6, 4], &device);
+                linear_cross_entropy(hidden, head.clone(), targets.clone(), weights.clone(), implementation).into_scalar::<f32>()
+            };
+            let mut values: Vec<f32> = (0..24).map(|i| (i as f32 * 0.91).cos()).collect();
+            let before = loss(&values);
+            for v in &mut values[4..8] {
+                *v += 3.0; // row 1: masked out
+            }
+            assert_eq!(before, loss(&values), "{implementation:?}");
+            values[0] += 1.0; // row 0 counts
+            assert_ne!(before, loss(&values), "{implementation:?}");
         }
-        assert_eq!(before, loss(&values));
     }
 }

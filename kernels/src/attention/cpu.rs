@@ -3,7 +3,10 @@
 //! (FlashAttention-2). No `[T, T]` buffer exists at any point; work is split over (batch, head)
 //! and query tiles with rayon, and every tile product is a `gemm` call.
 
+use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::math::{exp_nonpositive, exp_shifted_in_place, matmul, max_of, with_widest_simd};
 
 /// Query and key rows per tile.
 const TILE: usize = 128;
@@ -21,61 +24,16 @@ pub struct FlashShape {
 }
 
 impl FlashShape {
-    /// Keys `j` visible from query `i`: `j <= i + (tk − tq)` when causal (bottom-right aligned).
-    fn last_visible(&self, i: usize) -> usize {
-        if self.causal { (i + self.tk).saturating_sub(self.tq).min(self.tk - 1) } else { self.tk - 1 }
+    /// How many keys query `i` sees: keys `j <= i + (tk − tq)` when causal (bottom-right
+    /// aligned). With more queries than keys, the first `tq − tk` queries see none: their
+    /// output is 0 and so is their gradient.
+    fn visible_keys(&self, i: usize) -> usize {
+        if self.causal { (i + 1 + self.tk).saturating_sub(self.tq).min(self.tk) } else { self.tk }
     }
 
     /// Columns `c0..c0 + cols` of row `i` that are not in the future: how many, from `c0`.
     fn visible_in_tile(&self, i: usize, c0: usize, cols: usize) -> usize {
-        (self.last_visible(i) + 1).saturating_sub(c0).min(cols)
-    }
-}
-
-/// `e^x` for the non-positive arguments of a softmax, branch-free so loops vectorise:
-/// `2^n · e^g` with `n` the nearest integer to `x·log2 e` and `|g| ≤ ln2 / 2`, `e^g` by its
-/// degree-6 Taylor polynomial (relative error < 1e-6 for x ≥ −10). `−∞` (and anything below −87) gives 0.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
-    let y = (x * std::f32::consts::LOG2_E).max(-127.0);
-    let n = (y + ROUND) - ROUND;
-    let g = (y - n) * std::f32::consts::LN_2;
-    let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0))))));
-    // 2^n through the exponent bits; n = −127 gives exponent field 0, i.e. 0.0.
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// `c[m×n] (+)= a[m×k] · b` where `b` is `[k×n]` (`b_transposed`: stored `[n×k]`).
-#[allow(clippy::too_many_arguments)]
-fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, b_transposed: bool, a_transposed: bool, accumulate: bool) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    // Row-major strides: (column stride, row stride).
-    let (a_cs, a_rs) = if a_transposed { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if b_transposed { (k as isize, 1) } else { (1, n as isize) };
-    // SAFETY: the asserts above bound every index the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        self.visible_keys(i).saturating_sub(c0).min(cols)
     }
 }
 
@@ -95,7 +53,7 @@ pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: Flash
             let r0 = t * TILE;
             let rows = lse_tile.len();
             let q_tile = &q[r0 * dim..(r0 + rows) * dim];
-            forward_tile(q_tile, k, v, &key_mask[b * tk..(b + 1) * tk], r0, s, out_tile, lse_tile);
+            with_widest_simd(|| forward_tile(q_tile, k, v, &key_mask[b * tk..(b + 1) * tk], r0, s, out_tile, lse_tile));
         });
     });
     (out, lse)
@@ -104,6 +62,7 @@ pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: Flash
 /// One tile of queries (starting at query `r0`) against all visible keys of one head; writes
 /// the tile's output rows and log-sum-exps.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, s: FlashShape, out: &mut [f32], lse: &mut [f32]) {
     let dim = s.dim;
     let rows = lse.len();
@@ -111,10 +70,10 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, s:
     let mut max = vec![f32::NEG_INFINITY; rows];
     let mut sum = vec![0f32; rows];
     let mut scores = vec![0f32; rows * TILE];
-    let last_key = s.last_visible(r0 + rows - 1);
-    for c0 in (0..=last_key).step_by(TILE) {
+    // The tile's last row sees the most keys.
+    for c0 in (0..s.visible_keys(r0 + rows - 1)).step_by(TILE) {
         let cols = TILE.min(s.tk - c0);
-        matmul(&mut scores, q, &k[c0 * dim..(c0 + cols) * dim], rows, cols, dim, true, false, false);
+        matmul(&mut scores, q, &k[c0 * dim..(c0 + cols) * dim], (rows, cols, dim), false, true, false, Parallelism::None);
         let mask = &key_mask[c0..c0 + cols];
         for r in 0..rows {
             let row = &mut scores[r * cols..(r + 1) * cols];
@@ -122,24 +81,19 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, s:
             for (c, x) in row.iter_mut().enumerate() {
                 *x = if c >= visible || mask[c] != 0.0 { f32::NEG_INFINITY } else { *x * s.scale };
             }
-            let row_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let new_max = max[r].max(row_max);
+            let new_max = max[r].max(max_of(row));
             if new_max == f32::NEG_INFINITY {
-                row.iter_mut().for_each(|x| *x = 0.0);
+                row.fill(0.0);
                 continue;
             }
             let correction = exp_nonpositive(max[r] - new_max);
-            let mut row_sum = 0.0;
-            for x in row.iter_mut() {
-                *x = exp_nonpositive(*x - new_max);
-                row_sum += *x;
-            }
+            let row_sum = exp_shifted_in_place(row, new_max);
             sum[r] = sum[r] * correction + row_sum;
             max[r] = new_max;
             acc[r * dim..(r + 1) * dim].iter_mut().for_each(|a| *a *= correction);
         }
         // acc += P · V_tile
-        matmul(&mut acc, &scores, &v[c0 * dim..(c0 + cols) * dim], rows, dim, cols, false, false, true);
+        matmul(&mut acc, &scores, &v[c0 * dim..(c0 + cols) * dim], (rows, dim, cols), false, false, true, Parallelism::None);
     }
     for r in 0..rows {
         // A row that saw no key keeps its zero accumulator.
@@ -183,7 +137,7 @@ pub fn flash_backward(
                 lse: &lse[bh * tq..(bh + 1) * tq],
                 d_out: &d_out[qs],
             };
-            backward_head(&inputs, s, dq, dk, dv);
+            with_widest_simd(|| backward_head(&inputs, s, dq, dk, dv));
         });
     (dq, dk, dv)
 }
@@ -202,6 +156,7 @@ struct HeadInputs<'a> {
 
 /// One head: for each key tile, every query tile that sees it recomputes `P = exp(S − lse)` and
 /// adds its share to dV, dK (this tile) and dQ (that query tile).
+#[inline(always)]
 fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
     let HeadInputs { q, k, v, key_mask, out, lse, d_out } = *inputs;
     let FlashShape { tq, tk, dim, scale, .. } = s;
@@ -219,7 +174,7 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
             let rows = TILE.min(tq - r0);
             let q_tile = &q[r0 * dim..(r0 + rows) * dim];
             let do_tile = &d_out[r0 * dim..(r0 + rows) * dim];
-            matmul(&mut p, q_tile, k_tile, rows, cols, dim, true, false, false);
+            matmul(&mut p, q_tile, k_tile, (rows, cols, dim), false, true, false, Parallelism::None);
             let mask = &key_mask[c0..c0 + cols];
             for r in 0..rows {
                 let l = lse[r0 + r];
@@ -229,9 +184,9 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
                 }
             }
             // dV_tile += Pᵀ · dO
-            matmul(&mut dv[c0 * dim..(c0 + cols) * dim], &p, do_tile, cols, dim, rows, false, true, true);
+            matmul(&mut dv[c0 * dim..(c0 + cols) * dim], &p, do_tile, (cols, dim, rows), true, false, true, Parallelism::None);
             // dP = dO · V_tileᵀ ; dS = P ∘ (dP − D) · scale
-            matmul(&mut dp, do_tile, v_tile, rows, cols, dim, true, false, false);
+            matmul(&mut dp, do_tile, v_tile, (rows, cols, dim), false, true, false, Parallelism::None);
             for r in 0..rows {
                 let d = delta[r0 + r];
                 for c in 0..cols {
@@ -239,8 +194,8 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
                 }
             }
             // dK_tile += dSᵀ · Q ; dQ_tile += dS · K_tile
-            matmul(&mut dk[c0 * dim..(c0 + cols) * dim], &dp, q_tile, cols, dim, rows, false, true, true);
-            matmul(&mut dq[r0 * dim..(r0 + rows) * dim], &dp, k_tile, rows, dim, cols, false, false, true);
+            matmul(&mut dk[c0 * dim..(c0 + cols) * dim], &dp, q_tile, (cols, dim, rows), true, false, true, Parallelism::None);
+            matmul(&mut dq[r0 * dim..(r0 + rows) * dim], &dp, k_tile, (rows, dim, cols), false, false, true, Parallelism::None);
         }
     }
 }
@@ -318,25 +273,5 @@ mod flex {
             let (qs, ks) = (vec![s.batch, s.heads, s.tq, s.dim], vec![s.batch, s.heads, s.tk, s.dim]);
             (tensor(dq, qs), tensor(dk, ks.clone()), tensor(dv, ks))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_nonpositive;
-
-    #[test]
-    fn fast_exp_matches_exp() {
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (got, want) = (exp_nonpositive(x), (x as f64).exp());
-            // Relative 1e-6 where softmax weights matter; below e^-10 the rounding of
-            // x · log2 e dominates and the absolute error is what counts.
-            let ok = if x >= -10.0 { ((got as f64 - want) / want).abs() < 1e-6 } else { (got as f64 - want).abs() < 1e-9 };
-            assert!(ok, "x={x}: {got} vs {want}");
-        }
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_nonpositive(-200.0), 0.0);
-        assert_eq!(exp_nonpositive(0.0), 1.0);
     }
 }

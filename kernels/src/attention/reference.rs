@@ -3,13 +3,15 @@ use burn::tensor::{Bool, Tensor};
 
 use super::AttentionOptions;
 
-/// The definition: materialises the `[B, H, Tq, Tk]` score matrix.
+/// The definition: materialises the `[B, H, Tq, Tk]` score matrix. A query row that sees no
+/// key at all (causal with more queries than keys, or every key padded) outputs 0, and no
+/// gradient flows through it.
 pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: AttentionOptions) -> Tensor<4> {
     let [batch, heads, tq, head_dim] = q.dims();
     let tk = k.dims()[2];
     let device = q.device();
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
     let mut mask: Option<Tensor<4, Bool>> = None;
     if options.causal {
         // `tril_mask` is false on and below the (bottom-right aligned) diagonal, true above:
@@ -31,10 +33,16 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: At
             None => extra,
         });
     }
-    if let Some(mask) = mask {
-        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-    }
-    softmax(scores, 3).matmul(v)
+    let Some(mask) = mask else {
+        return softmax(scores, 3).matmul(v);
+    };
+    // Rows with every key hidden would be softmax(−∞, …) = NaN: unmask them for the softmax
+    // and zero their output instead.
+    let blind = mask.clone().bool_not().any_dim(3).bool_not(); // [B, H, Tq, 1]
+    let mask = mask.bool_and(blind.clone().bool_not().expand([batch, heads, tq, tk]));
+    let out = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3).matmul(v);
+    let dim_v = out.dims()[3];
+    out.mask_fill(blind.expand([batch, heads, tq, dim_v]), 0.0)
 }
 
 #[cfg(test)]
@@ -46,14 +54,14 @@ mod tests {
     fn naive(q: &[f32], k: &[f32], v: &[f32], tq: usize, tk: usize, d: usize, causal: bool) -> Vec<f32> {
         let mut out = vec![0.0; tq * d];
         for i in 0..tq {
-            let visible = if causal { i + (tk - tq) + 1 } else { tk };
+            let visible = if causal { (i + 1 + tk).saturating_sub(tq) } else { tk };
             let scores: Vec<f32> = (0..visible)
                 .map(|j| (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f32>() / (d as f32).sqrt())
                 .collect();
             let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f32 = weights.iter().sum();
-            for (j, w) in weights.iter().enumerate() {
+            for (j, w) in weights.iter().enumerate().filter(|_| total > 0.0) {
                 for c in 0..d {
                     out[i * d + c] += w / total * v[j * d + c];
                 }
@@ -65,7 +73,8 @@ mod tests {
     #[test]
     fn matches_loops_causal_and_not_with_shorter_queries() {
         let device = Device::flex();
-        for (tq, tk, causal) in [(5, 5, true), (5, 5, false), (2, 7, true), (1, 4, true)] {
+        // (6, 3): the first three queries see no key and output 0.
+        for (tq, tk, causal) in [(5, 5, true), (5, 5, false), (2, 7, true), (1, 4, true), (6, 3, true)] {
             let d = 3;
             let rand = |t| Tensor::<4>::random([1, 1, t, d], Distribution::Normal(0.0, 1.0), &device);
             let (q, k, v) = (rand(tq), rand(tk), rand(tk));

@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::math::with_widest_simd;
+
 /// Norms below this count as zero (the reference clamps the same way).
 const NORM_EPS: f32 = 1e-12;
 
@@ -12,18 +14,13 @@ pub fn diversity_forward(embeddings: &[f32], groups: usize, n: usize, d: usize) 
         *slot = if n < 2 {
             0.0
         } else {
-            let group = &embeddings[g * n * d..(g + 1) * n * d];
-            let mut sum = vec![0f64; d];
-            let mut self_dots = 0f64;
-            for e in group.chunks(d) {
-                let inv = 1.0 / norm(e).max(NORM_EPS) as f64;
-                for (s, &x) in sum.iter_mut().zip(e) {
-                    *s += x as f64 * inv;
-                }
-                self_dots += (norm(e) as f64 * inv).powi(2);
-            }
-            let pairs = sum.iter().map(|s| s * s).sum::<f64>() - self_dots;
-            (1.0 - pairs / (n * (n - 1)) as f64) as f32
+            with_widest_simd(|| {
+                let group = &embeddings[g * n * d..(g + 1) * n * d];
+                let mut sum = vec![0f32; d];
+                let self_dots = unit_sum(group, d, &mut sum, |_, _| {});
+                let pairs = dot(&sum, &sum) as f64 - self_dots;
+                (1.0 - pairs / (n * (n - 1)) as f64) as f32
+            })
         };
     });
     out
@@ -31,38 +28,83 @@ pub fn diversity_forward(embeddings: &[f32], groups: usize, n: usize, d: usize) 
 
 /// Gradient of `Σ_g grad[g] · diversity[g]` w.r.t. the embeddings:
 /// `∂D/∂u_i = −2 (s − u_i) / (N(N−1))`, projected through the normalisation
-/// `∂u/∂e = (I − u uᵀ) / ‖e‖`.
+/// `∂u/∂e = (I − u uᵀ) / ‖e‖`. Per group: one pass for the norms and `s`, one that writes
+/// the gradient row by row (each row's unit vector formed once, in L1).
 pub fn diversity_backward(embeddings: &[f32], grad: &[f32], groups: usize, n: usize, d: usize) -> Vec<f32> {
     assert_eq!(grad.len(), groups, "one upstream gradient per group");
     let mut out = vec![f32::NAN; embeddings.len()];
     out.par_chunks_mut((n * d).max(1)).enumerate().for_each(|(g, dst)| {
         if n < 2 || d == 0 {
-            dst.iter_mut().for_each(|x| *x = 0.0);
+            dst.fill(0.0);
             return;
         }
-        let group = &embeddings[g * n * d..(g + 1) * n * d];
-        let norms: Vec<f32> = group.chunks(d).map(|e| norm(e).max(NORM_EPS)).collect();
-        let mut sum = vec![0f32; d];
-        for (e, &nrm) in group.chunks(d).zip(&norms) {
-            for (s, &x) in sum.iter_mut().zip(e) {
-                *s += x / nrm;
+        with_widest_simd(|| {
+            let group = &embeddings[g * n * d..(g + 1) * n * d];
+            let mut sum = vec![0f32; d];
+            let mut norms = vec![0f32; n];
+            unit_sum(group, d, &mut sum, |row, norm| norms[row] = norm);
+            let coef = -2.0 * grad[g] / (n * (n - 1)) as f32;
+            let mut u = vec![0f32; d];
+            for ((e, &norm), dst) in group.chunks_exact(d).zip(&norms).zip(dst.chunks_exact_mut(d)) {
+                // u = e / ‖e‖ (a division, as the reference does: in one dimension u is then
+                // exactly ±1 and the projected gradient exactly 0); g_u = coef · (s − u);
+                // result = (g_u − u (u·g_u)) / ‖e‖.
+                u.iter_mut().zip(e).for_each(|(u, &x)| *u = x / norm);
+                let u_dot_g = coef * dot_minus(&u, &sum);
+                for ((o, &u), &s) in dst.iter_mut().zip(&u).zip(&sum) {
+                    *o = (coef * (s - u) - u * u_dot_g) / norm;
+                }
             }
-        }
-        let coef = -2.0 * grad[g] / (n * (n - 1)) as f32;
-        for ((e, &nrm), dst) in group.chunks(d).zip(&norms).zip(dst.chunks_mut(d)) {
-            // g_u = coef · (s − u); result = (g_u − u (u·g_u)) / ‖e‖
-            let u = |c: usize| e[c] / nrm;
-            let dot: f32 = (0..d).map(|c| u(c) * coef * (sum[c] - u(c))).sum();
-            for c in 0..d {
-                dst[c] = (coef * (sum[c] - u(c)) - u(c) * dot) / nrm;
-            }
-        }
+        });
     });
     out
 }
 
-fn norm(e: &[f32]) -> f32 {
-    e.iter().map(|x| x * x).sum::<f32>().sqrt()
+/// Adds each row's unit vector into `sum` (telling `clamped_norm(row, ‖e‖)` as it goes) and
+/// returns `Σ ‖u_i‖²` (1 per nonzero row, 0 for a zero row).
+#[inline(always)]
+fn unit_sum(group: &[f32], d: usize, sum: &mut [f32], mut clamped_norm: impl FnMut(usize, f32)) -> f64 {
+    let mut self_dots = 0f64;
+    for (row, e) in group.chunks_exact(d).enumerate() {
+        let length = dot(e, e).sqrt();
+        let norm = length.max(NORM_EPS);
+        clamped_norm(row, norm);
+        for (s, &x) in sum.iter_mut().zip(e) {
+            *s += x / norm;
+        }
+        self_dots += (length as f64 / norm as f64).powi(2);
+    }
+    self_dots
+}
+
+/// `Σ u_c (s_c − u_c)` with independent partial sums.
+#[inline(always)]
+fn dot_minus(u: &[f32], s: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (cu, cs) = (u.chunks_exact(LANES), s.chunks_exact(LANES));
+    let tail: f32 = cu.remainder().iter().zip(cs.remainder()).map(|(u, s)| u * (s - u)).sum();
+    for (u, s) in cu.zip(cs) {
+        for l in 0..LANES {
+            acc[l] += u[l] * (s[l] - u[l]);
+        }
+    }
+    tail + acc.iter().sum::<f32>()
+}
+
+/// `a · b` with independent partial sums, so it vectorises.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    tail + acc.iter().sum::<f32>()
 }
 
 mod flex {

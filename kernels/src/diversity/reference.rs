@@ -5,7 +5,9 @@ const NORM_EPS: f64 = 1e-12;
 
 /// `[G, N, D]` → `[G, N, N]` cosine similarities.
 pub fn pairwise_cosine_similarity_reference(embeddings: Tensor<3>) -> Tensor<3> {
-    let norms = embeddings.clone().powi_scalar(2).sum_dim(2).sqrt().clamp_min(NORM_EPS);
+    // Clamping before the square root keeps the gradient of an all-zero row finite
+    // (√ has an infinite slope at 0, and inf · 0 = NaN).
+    let norms = embeddings.clone().powi_scalar(2).sum_dim(2).clamp_min(NORM_EPS * NORM_EPS).sqrt();
     let unit = embeddings / norms;
     unit.clone().matmul(unit.swap_dims(1, 2))
 }

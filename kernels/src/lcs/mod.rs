@@ -70,7 +70,7 @@ pub fn lcs_groups(groups: &[Vec<&[i64]>], device: &Device, gpu_min_cells: u64) -
     let l = groups.iter().flatten().map(|s| s.len()).max().unwrap_or(0);
     let cells = (groups.len() as u64).saturating_mul((n * n) as u64).saturating_mul((l * l) as u64);
     let uniform = groups.iter().all(|g| g.len() == n);
-    if !(is_cube(device) && uniform && n > 0 && l <= MAX_GPU_LENGTH && cells >= gpu_min_cells) {
+    if !(crate::is_cube(device) && uniform && n > 0 && l <= MAX_GPU_LENGTH && cells >= gpu_min_cells) {
         use rayon::prelude::*;
         return groups.par_iter().map(|g| lcs_group_bit_parallel(g)).collect();
     }
@@ -84,19 +84,6 @@ pub fn lcs_groups(groups: &[Vec<&[i64]>], device: &Device, gpu_min_cells: u64) -
     let lengths = Tensor::<2, Int>::from_data(TensorData::new(lengths, [groups.len(), n]), device);
     let all = lcs_similarity(tokens, lengths, LcsImpl::Fused).into_data().convert::<i64>().try_into_vec::<i64>().expect("int LCS lengths");
     all.chunks(n * n).map(<[i64]>::to_vec).collect()
-}
-
-/// Whether `device` runs the CubeCL kernels (a GPU, or wgpu on a software Vulkan driver).
-fn is_cube(device: &Device) -> bool {
-    #[cfg(feature = "cube")]
-    {
-        matches!(device.clone().inner().as_dispatch(), burn::backend::DispatchDevice::Cube(_))
-    }
-    #[cfg(not(feature = "cube"))]
-    {
-        let _ = device;
-        false
-    }
 }
 
 /// Host-side driver shared by the implementations: `lcs_group` turns one group's sequences
