@@ -136,7 +136,7 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
     let mut peak_bytes = None;
     for step in 0..steps {
         let start = Instant::now();
-        let (stats, peak) = crate::kernel_bench::measure_peak(|| learner.step(&mut source, step as u64));
+        let (stats, peak) = crate::memory::measure_peak(|| learner.step(&mut source, step as u64));
         let stats = stats?;
         if step >= WARMUP_STEPS {
             times.push(start.elapsed().as_secs_f64());

@@ -1,10 +1,7 @@
 //! `polyburn bench kernels`: every fused op against its reference on the same inputs, over a
-//! size sweep, timed and memory-measured in one run. Peak memory comes from [`PeakAlloc`],
-//! the binary's global allocator.
+//! size sweep, timed and memory-measured in one run (peak memory from [`crate::memory`]).
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -16,58 +13,6 @@ use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_groups, lcs_similarity};
 use serde::Serialize;
-
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-static INSTALLED: AtomicBool = AtomicBool::new(false);
-
-/// The system allocator, counting live bytes and their peak (the `polyburn` binary installs it).
-pub struct PeakAlloc;
-
-unsafe impl GlobalAlloc for PeakAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grow(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
-            grow(new_size);
-        }
-        p
-    }
-}
-
-fn grow(bytes: usize) {
-    INSTALLED.store(true, Ordering::Relaxed);
-    let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-/// Runs `f`, returning its result and the peak of live heap bytes above the starting level
-/// (`None` when the tracking allocator is not installed, e.g. in library tests).
-pub fn measure_peak<T>(f: impl FnOnce() -> T) -> (T, Option<usize>) {
-    let base = CURRENT.load(Ordering::Relaxed);
-    PEAK.store(base, Ordering::Relaxed);
-    let out = f();
-    let peak = PEAK.load(Ordering::Relaxed).saturating_sub(base);
-    (out, INSTALLED.load(Ordering::Relaxed).then_some(peak))
-}
 
 /// One row of the comparison (`--json` prints an array of these).
 #[derive(Debug, Clone, Serialize)]
@@ -121,7 +66,7 @@ impl BenchDevice {
         let mut peak = None;
         for _ in 0..repeats {
             let start = Instant::now();
-            let ((), p) = measure_peak(&mut f);
+            let ((), p) = crate::memory::measure_peak(&mut f);
             times.push(start.elapsed().as_secs_f64() * 1e3);
             peak = peak.max(p);
         }

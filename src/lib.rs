@@ -10,6 +10,7 @@ pub mod rng;
 pub mod train;
 pub mod bench;
 pub mod kernel_bench;
+pub mod memory;
 pub mod generate;
 pub mod plot;
 pub mod sweep;

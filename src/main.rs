@@ -17,7 +17,7 @@ use burn::tensor::Device;
 
 /// Counts live heap bytes so `bench kernels` and `bench train` can report peak memory.
 #[global_allocator]
-static ALLOCATOR: polyburn::kernel_bench::PeakAlloc = polyburn::kernel_bench::PeakAlloc;
+static ALLOCATOR: polyburn::memory::PeakAlloc = polyburn::memory::PeakAlloc;
 
 #[derive(Parser)]
 #[command(name = "polyburn", version, about = "Train language models from YAML configs on Burn")]
@@ -275,6 +275,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    polyburn::memory::keep_freed_memory();
     let cli = Cli::parse();
     let result = install_interrupt_handler().and_then(|_| run(cli));
     match result {
