@@ -269,7 +269,7 @@ pub fn bench_polychromic(config: &Config, timed_steps: usize) -> Result<Polychro
     let train_device = device_from_name(&config.run.device)?.autodiff();
     let (_, model) = crate::train::trainer::build_model(config, data.tokenizer.vocab_size(), &train_device)?;
     let optimizer = build_optimizer(&config.optimizer, &model);
-    let policy = Some(crate::train::polychromic::PolicyTools::new(config, data.tokenizer.clone())?);
+    let policy = Some(crate::train::objective::PolicyTools::new(config, data.tokenizer.clone())?);
     let mut learner = Learner { config: config.clone(), device: train_device, model, optimizer, policy };
     let mut source = data.train;
     let first_step = config.objective.sft_steps as u64;

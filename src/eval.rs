@@ -89,15 +89,10 @@ pub fn evaluate_run(run_dir: &Path, options: &EvalOptions) -> Result<EvalReport>
     if held_out.is_empty() {
         bail!("{}: the held-out split has no prompt/reply records to evaluate", run_dir.display());
     }
-    let s = &run.config.objective.sampling;
-    let sampling = SamplingOptions {
-        temperature: options.temperature.unwrap_or(s.temperature),
-        top_k: s.top_k,
-        top_p: s.top_p,
-        max_new_tokens: s.max_new_tokens,
-        stop_token: run.tokenizer.eos_id(),
-        seed: options.seed,
-    };
+    let mut sampling = SamplingOptions::from_config(&run.config.objective.sampling, run.tokenizer.eos_id(), options.seed);
+    if let Some(t) = options.temperature {
+        sampling.temperature = t;
+    }
     let step = run.checkpoint.state()?.global_step;
     let prompts: Vec<Vec<u32>> = held_out.iter().map(|e| e.prompt_tokens().to_vec()).collect();
     let context = ForwardContext::at_step(step);

@@ -30,6 +30,11 @@ impl Default for SamplingOptions {
 }
 
 impl SamplingOptions {
+    /// A run's `objective.sampling` (training and `eval`), stopping at `stop_token`.
+    pub fn from_config(c: &crate::config::SamplingConfig, stop_token: Option<u32>, seed: u64) -> Self {
+        Self { temperature: c.temperature, top_k: c.top_k, top_p: c.top_p, max_new_tokens: c.max_new_tokens, stop_token, seed }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             bail!("--temperature must be >= 0 (0 is greedy), got {}", self.temperature);

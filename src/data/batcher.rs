@@ -21,6 +21,45 @@ impl Batch {
     pub fn loss_tokens(&self) -> usize {
         self.loss_mask.iter().filter(|&&m| m > 0.0).count()
     }
+
+    /// Loss positions per row.
+    pub fn loss_tokens_per_row(&self) -> Vec<usize> {
+        self.loss_mask.chunks(self.seq_len).map(|row| row.iter().filter(|&&m| m > 0.0).count()).collect()
+    }
+
+    /// Right-padded teacher-forcing rows from `(tokens, loss_from)` sequences of at most
+    /// context + 1 tokens each ([`fit_to_context`]): inputs are `tokens[..n-1]`, targets
+    /// `tokens[1..]`, and the loss covers targets from position `loss_from` on.
+    pub fn pack(samples: &[(Vec<u32>, usize)]) -> Batch {
+        let batch_size = samples.len();
+        let seq_len = samples.iter().map(|(t, _)| t.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let mut batch = Batch {
+            inputs: vec![0; batch_size * seq_len],
+            targets: vec![0; batch_size * seq_len],
+            loss_mask: vec![0.0; batch_size * seq_len],
+            batch_size,
+            seq_len,
+        };
+        for (row, (tokens, loss_from)) in samples.iter().enumerate() {
+            for t in 0..tokens.len().saturating_sub(1) {
+                let at = row * seq_len + t;
+                batch.inputs[at] = tokens[t] as i64;
+                batch.targets[at] = tokens[t + 1] as i64;
+                // Position t predicts token t+1; it counts when that token is part of the reply.
+                batch.loss_mask[at] = if t + 1 >= *loss_from { 1.0 } else { 0.0 };
+            }
+        }
+        batch
+    }
+}
+
+/// A prompt/reply sequence cut to `context + 1` tokens: too long, it loses prompt tokens from
+/// the left first (keeping at least one), then the reply's end. `loss_from` is the reply's
+/// first token; returns the kept tokens and the shifted `loss_from`.
+pub fn fit_to_context(tokens: &[u32], loss_from: usize, context: usize) -> (Vec<u32>, usize) {
+    let drop = tokens.len().saturating_sub(context + 1).min(loss_from.saturating_sub(1));
+    let tokens = &tokens[drop..];
+    (tokens[..tokens.len().min(context + 1)].to_vec(), loss_from - drop)
 }
 
 /// Where the training stream is: derived from the number of samples consumed.
@@ -107,15 +146,7 @@ impl SampleSource {
             }
             TokenCorpus::Examples(examples) => {
                 let ex = &examples[slot];
-                let mut tokens = ex.tokens.as_slice();
-                let mut loss_from = ex.loss_from;
-                // Too long: drop prompt tokens from the left first, then cut the reply's end.
-                let excess = tokens.len().saturating_sub(context + 1);
-                let drop = excess.min(loss_from.saturating_sub(1));
-                tokens = &tokens[drop..];
-                loss_from -= drop;
-                let tokens = &tokens[..tokens.len().min(context + 1)];
-                (tokens.to_vec(), loss_from)
+                fit_to_context(&ex.tokens, ex.loss_from, context)
             }
         }
     }
@@ -142,24 +173,7 @@ impl SampleSource {
     /// `batch_size` consecutive samples starting at global sample index `first`.
     pub fn batch(&mut self, first: u64, batch_size: usize) -> Batch {
         let samples: Vec<(Vec<u32>, usize)> = (0..batch_size as u64).map(|i| self.sample(first + i)).collect();
-        let seq_len = samples.iter().map(|(t, _)| t.len().saturating_sub(1)).max().unwrap_or(0).max(1);
-        let mut batch = Batch {
-            inputs: vec![0; batch_size * seq_len],
-            targets: vec![0; batch_size * seq_len],
-            loss_mask: vec![0.0; batch_size * seq_len],
-            batch_size,
-            seq_len,
-        };
-        for (row, (tokens, loss_from)) in samples.iter().enumerate() {
-            for t in 0..tokens.len().saturating_sub(1) {
-                let at = row * seq_len + t;
-                batch.inputs[at] = tokens[t] as i64;
-                batch.targets[at] = tokens[t + 1] as i64;
-                // Position t predicts token t+1; it counts when that token is part of the reply.
-                batch.loss_mask[at] = if t + 1 >= *loss_from { 1.0 } else { 0.0 };
-            }
-        }
-        batch
+        Batch::pack(&samples)
     }
 }
 

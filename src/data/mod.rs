@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::config::{Config, DataFormat};
-pub use batcher::{Batch, DataCursor, SampleSource};
+pub use batcher::{Batch, DataCursor, SampleSource, fit_to_context};
 pub use corpus::{Example, TokenCorpus};
 pub use tokenizer::TextTokenizer;
 

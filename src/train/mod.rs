@@ -4,7 +4,6 @@ pub mod checkpoint;
 pub mod logging;
 pub mod objective;
 pub mod optim;
-pub mod polychromic;
 pub mod reward;
 pub mod trainer;
 

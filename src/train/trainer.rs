@@ -12,8 +12,7 @@ use serde_json::json;
 
 use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, REFERENCE_MODEL_FILE, STATE_FILE, TrainerState};
 use super::logging::RunLogger;
-use super::objective::{BatchTensors, sft_loss};
-use super::polychromic::{PolicyTools, sampling_loss};
+use super::objective::{BatchTensors, PolicyTools, StepInput, objective_at, sft_loss};
 use super::optim::{GradientSum, build_optimizer, learning_rate};
 use crate::config::Config;
 use crate::data::{self, PreparedData, SampleSource};
@@ -144,20 +143,23 @@ impl Learner {
         let mut loss_total = 0.0;
         let mut tokens = 0;
         let mut metrics = Vec::new();
-        let sampling = self.config.objective.kind.samples() && step >= self.config.objective.sft_steps as u64;
+        let objective = objective_at(&self.config, step);
+        let sampling = objective.samples();
         for micro in 0..t.grad_accum_steps {
             let first = first_sample + (micro * t.batch_size) as u64;
-            let loss = if sampling {
-                let policy = self.policy.as_mut().context("sampling objective without its tools")?;
-                let out = sampling_loss(&self.config, &self.model, policy, source, first, step, &self.device)?;
-                metrics.extend(out.stats.metrics);
-                tokens += out.tokens;
-                out.loss
-            } else {
-                let batch = source.batch(first, t.batch_size);
-                tokens += batch.batch_size * batch.seq_len;
-                sft_loss(&self.model, &BatchTensors::new(&batch, &self.device), &ForwardContext::for_run(&self.config, step))
+            let input = StepInput {
+                config: &self.config,
+                model: &self.model,
+                source,
+                tools: self.policy.as_mut(),
+                first,
+                step,
+                device: &self.device,
             };
+            let out = objective.loss(input)?;
+            metrics.extend(out.metrics);
+            tokens += out.tokens;
+            let loss = out.loss;
             let value = loss.clone().into_scalar::<f32>() as f64;
             if !value.is_finite() {
                 bail!("non-finite loss ({value}) at step {}", step + 1);

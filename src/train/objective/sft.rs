@@ -4,6 +4,7 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use polyburn_kernels::cross_entropy::linear_cross_entropy;
 
+use super::{Loss, Objective, StepInput};
 use crate::data::Batch;
 use crate::model::{ForwardContext, Gpt};
 
@@ -36,6 +37,23 @@ pub fn sft_loss(model: &Gpt, batch: &BatchTensors, context: &ForwardContext) -> 
     let [b, t, d] = hidden.dims();
     let weights = batch.loss_mask.clone().reshape([b * t]).div_scalar(batch.loss_tokens.max(1) as f64);
     linear_cross_entropy(hidden.reshape([b * t, d]), model.lm_head_weight(), batch.targets.clone().reshape([b * t]), weights, context.cross_entropy)
+}
+
+/// `sft`: cross-entropy on the next `batch_size` samples of the data.
+pub struct Sft;
+
+impl Objective for Sft {
+    fn loss(&self, input: StepInput) -> anyhow::Result<Loss> {
+        let batch = input.source.batch(input.first, input.config.training.batch_size);
+        let tokens = batch.batch_size * batch.seq_len;
+        let context = ForwardContext::for_run(input.config, input.step);
+        let loss = sft_loss(input.model, &BatchTensors::new(&batch, input.device), &context);
+        Ok(Loss { loss, tokens, metrics: Vec::new() })
+    }
+
+    fn samples(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,343 @@
+//! What the sampling objectives share. Order within an optimizer step: [`sample`] replies with
+//! the inference model (no autodiff graph alive) → [`score`] them (rewards per reply) and their
+//! groups (diversity, once per step) → one teacher-forced forward and one backward, through
+//! [`policy_gradient_loss`] for `grpo` and `polychromic_rl`.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::sft::BatchTensors;
+use super::{Loss, StepInput};
+use crate::config::{Config, KernelsConfig, ObjectiveType};
+use crate::data::{Batch, Example, TextTokenizer, fit_to_context};
+use crate::diversity::{DiversityMetric, lcs_diversities, lexical_diversity, semantic_diversity};
+use crate::generate::{Decoding, SamplingOptions, generate_batch};
+use crate::model::encoder::{SentenceEncoder, mean_pool_normalized};
+use crate::model::{ForwardContext, Gpt};
+use crate::rng::{Stream, derive_seed};
+use crate::train::reward::Rewards;
+
+/// Prompt + reply sequences for teacher forcing, packed like the data's JSONL records
+/// ([`Batch::pack`]): the loss mask covers the reply tokens.
+pub struct ReplyBatch {
+    pub tensors: BatchTensors,
+    /// Reply tokens per row (≥ 1 unless a reply was cut by `max_new_tokens` at 0 tokens).
+    pub reply_tokens: Vec<usize>,
+}
+
+impl ReplyBatch {
+    /// `rows[i] = (prompt, reply, stopped)`; a reply that ended by choice gets `eos` appended so
+    /// its stopping decision is trained too. Over-long rows lose prompt tokens from the left.
+    pub fn new(rows: &[(&[u32], &[u32], bool)], eos: u32, context: usize, device: &Device) -> Self {
+        let sequences: Vec<(Vec<u32>, usize)> = rows
+            .iter()
+            .map(|(prompt, reply, stopped)| {
+                let mut seq = prompt.to_vec();
+                seq.extend_from_slice(reply);
+                if *stopped {
+                    seq.push(eos);
+                }
+                fit_to_context(&seq, prompt.len(), context)
+            })
+            .collect();
+        let batch = Batch::pack(&sequences);
+        Self { reply_tokens: batch.loss_tokens_per_row(), tensors: BatchTensors::new(&batch, device) }
+    }
+
+    /// Reply tokens per row as a `[rows, 1]` divisor (at least 1).
+    fn lengths(&self, device: &Device) -> Tensor<2> {
+        let n: Vec<f32> = self.reply_tokens.iter().map(|&n| n.max(1) as f32).collect();
+        Tensor::from_data(TensorData::new(n, [self.reply_tokens.len(), 1]), device)
+    }
+
+    /// Input tokens (padding included).
+    pub fn tokens(&self) -> usize {
+        self.tensors.inputs.dims().iter().product()
+    }
+}
+
+/// Log-probability of every target token, `[rows, len]`.
+pub fn token_logprobs(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext) -> Tensor<2> {
+    let logits = model.forward(batch.tensors.inputs.clone(), context);
+    let [rows, len, _] = logits.dims();
+    log_softmax(logits, 2).gather(2, batch.tensors.targets.clone().reshape([rows, len, 1])).reshape([rows, len])
+}
+
+/// Mean of the final hidden states over the positions that predict reply tokens, L2-normalised:
+/// the policy's own embedding of each reply, `[rows, d_model]`.
+pub fn reply_embeddings(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext) -> Tensor<2> {
+    mean_pool_normalized(model.hidden(batch.tensors.inputs.clone(), context), batch.tensors.loss_mask.clone())
+}
+
+/// The clipped policy-gradient surrogate with an optional k3 KL penalty, averaged over each
+/// reply's tokens, then over replies. `old_logp` is the sampling policy's, `reference_logp`
+/// the initial policy's. Returns `(loss, surrogate term, mean KL)`.
+pub fn policy_gradient_loss(
+    logp: Tensor<2>,
+    old_logp: Tensor<2>,
+    reference_logp: Option<Tensor<2>>,
+    batch: &ReplyBatch,
+    advantages: &[f64],
+    ppo_clip: f64,
+    kl_beta: f64,
+) -> (Tensor<1>, Tensor<1>, Option<Tensor<1>>) {
+    let device = logp.device();
+    let rows = advantages.len();
+    let a: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
+    let a = Tensor::<2>::from_data(TensorData::new(a, [rows, 1]), &device);
+    let ratio = (logp.clone() - old_logp).exp();
+    let mut surrogate = ratio.clone() * a.clone();
+    if ppo_clip > 0.0 {
+        surrogate = surrogate.min_pair(ratio.clamp(1.0 - ppo_clip, 1.0 + ppo_clip) * a);
+    }
+    let lengths = batch.lengths(&device);
+    let per_reply = |t: Tensor<2>| (t * batch.tensors.loss_mask.clone()).sum_dim(1) / lengths.clone();
+    let quality = per_reply(surrogate).mean().neg();
+    match reference_logp {
+        Some(reference) if kl_beta > 0.0 => {
+            let d = reference - logp;
+            let kl = per_reply(d.clone().exp() - d - 1.0).mean();
+            (quality.clone() + kl.clone() * kl_beta, quality, Some(kl))
+        }
+        _ => (quality.clone(), quality, None),
+    }
+}
+
+/// Group-relative advantages: `r − mean(group)`, divided by the group's std when asked.
+pub fn group_advantages(rewards: &[f64], normalize: bool) -> Vec<f64> {
+    let n = rewards.len() as f64;
+    let mean = rewards.iter().sum::<f64>() / n;
+    let std = (rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+    rewards.iter().map(|r| if normalize && std > 1e-8 { (r - mean) / std } else { r - mean }).collect()
+}
+
+/// Measurements of one sampling step, in the order they were taken.
+#[derive(Debug, Default, Clone)]
+pub struct SamplingStats {
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+impl SamplingStats {
+    pub fn add(&mut self, name: &'static str, value: f64) {
+        self.metrics.push((name, value));
+    }
+
+    /// Runs `f` and records its wall time in ms under `name`.
+    pub fn time<T>(&mut self, name: &'static str, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let out = f();
+        self.add(name, started.elapsed().as_secs_f64() * 1e3);
+        out
+    }
+}
+
+/// What sampling objectives need besides the model: rewards, the tokenizer to decode
+/// replies, the sentence encoder (semantic diversity) and the initial policy (KL penalty).
+pub struct PolicyTools {
+    pub rewards: Rewards,
+    pub tokenizer: TextTokenizer,
+    pub encoder: Option<SentenceEncoder>,
+    /// Inference copy of the policy when sampling started; set at the first sampling step.
+    pub reference: Option<Gpt>,
+}
+
+impl PolicyTools {
+    pub fn new(config: &Config, tokenizer: TextTokenizer) -> Result<Self> {
+        let ob = &config.objective;
+        let needs_encoder = ob.kind.samples() && ob.kind != ObjectiveType::PolychromicRegularized && ob.diversity == DiversityMetric::Semantic;
+        let encoder = if needs_encoder {
+            Some(SentenceEncoder::load(&ob.encoder, &Device::flex()).with_context(|| {
+                "objective.encoder (semantic diversity); run .ci/fetch-minilm to cache all-MiniLM-L6-v2, \
+                 or choose objective.diversity: lcs, distinct_2 or self_bleu"
+            })?)
+        } else {
+            None
+        };
+        Ok(Self { rewards: Rewards::from_config(&ob.rewards), tokenizer, encoder, reference: None })
+    }
+
+    /// The configured diversity of each group of token sequences (texts for `semantic`).
+    pub fn diversities(
+        &self,
+        metric: DiversityMetric,
+        kernels: &KernelsConfig,
+        device: &Device,
+        groups: &[Vec<Vec<u32>>],
+        texts: &[Vec<String>],
+        stats: &mut SamplingStats,
+    ) -> Result<Vec<f64>> {
+        if metric == DiversityMetric::Semantic {
+            let encoder = self.encoder.as_ref().context("semantic diversity needs objective.encoder")?;
+            let flat: Vec<&str> = texts.iter().flatten().map(String::as_str).collect();
+            let embeddings = stats.time("perf/encode_ms", || encoder.embed(&flat))?;
+            let mut chunks = embeddings.chunks(texts.first().map_or(1, Vec::len));
+            return stats.time("perf/diversity_ms", || chunks.try_fold(Vec::new(), |mut v, group| {
+                v.push(semantic_diversity(group)?);
+                Ok(v)
+            }));
+        }
+        if metric == DiversityMetric::Lcs {
+            // All groups in one batch, so a large one can go to the GPU in a single launch.
+            return Ok(stats.time("perf/diversity_ms", || lcs_diversities(groups, kernels.lcs, device, kernels.lcs_gpu_min_cells)));
+        }
+        stats.time("perf/diversity_ms", || groups.iter().map(|g| lexical_diversity(metric, g, kernels.lcs)).collect())
+    }
+}
+
+/// One micro-batch's prompts and the replies sampled to them.
+pub struct Sampled {
+    pub examples: Vec<Example>,
+    pub prompts: Vec<Vec<u32>>,
+    /// `replies[prompt][i]`: new tokens, without the end token.
+    pub replies: Vec<Vec<Vec<u32>>>,
+    /// Every (prompt, reply) pair as a teacher-forcing batch on the training device.
+    pub batch: ReplyBatch,
+    /// The model the replies were sampled from (the policy without its autodiff graph).
+    pub inference: Gpt,
+    pub eos: u32,
+    pub max_new_tokens: usize,
+    pub stats: SamplingStats,
+}
+
+impl Sampled {
+    /// `(prompt, reply, ended with the end token)` for every reply, prompt by prompt.
+    pub fn rows(&self) -> Vec<(&[u32], &[u32], bool)> {
+        rows_of(&self.prompts, &self.replies, self.max_new_tokens)
+    }
+}
+
+/// A reply shorter than `max_new_tokens` stopped at the end token.
+fn rows_of<'a>(prompts: &'a [Vec<u32>], replies: &'a [Vec<Vec<u32>>], max_new_tokens: usize) -> Vec<(&'a [u32], &'a [u32], bool)> {
+    prompts
+        .iter()
+        .zip(replies)
+        .flat_map(|(p, group)| group.iter().map(move |r| (p.as_slice(), r.as_slice(), r.len() < max_new_tokens)))
+        .collect()
+}
+
+/// Samples `per_prompt` replies to each of the micro-batch's `batch_size` prompts with the
+/// inference copy of the model, in one batch over a KV cache, seeded from the run seed and
+/// the step. Also keeps the initial policy for the KL penalty at the first sampling step.
+pub fn sample(input: &mut StepInput, per_prompt: usize) -> Result<Sampled> {
+    let (config, step, first) = (input.config, input.step, input.first);
+    let mut stats = SamplingStats::default();
+    let examples: Vec<Example> = (0..config.training.batch_size as u64)
+        .map(|i| input.source.example(first + i))
+        .collect::<Option<_>>()
+        .context("sampling objectives need prompt/reply JSONL data (data.train)")?;
+    let inference = input.model.valid();
+    let inference_device = input.device.clone().inner();
+    let tools = input.tools()?;
+    let eos = tools.tokenizer.eos_id().context("the tokenizer has no end-of-text token")?;
+    if config.objective.kl_beta > 0.0 && tools.reference.is_none() {
+        tools.reference = Some(inference.clone());
+    }
+    let options = SamplingOptions::from_config(&config.objective.sampling, Some(eos), derive_seed(config.run.seed, Stream::Sampling, step));
+    let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt_tokens().to_vec()).collect();
+    let replies = stats.time("perf/generate_ms", || {
+        generate_batch(&inference, &prompts, per_prompt, &options, &ForwardContext::at_step(step), Decoding::KvCache, &inference_device)
+    })?;
+    let batch = ReplyBatch::new(&rows_of(&prompts, &replies, options.max_new_tokens), eos, input.model.context_length(), input.device);
+    Ok(Sampled { examples, prompts, replies, batch, inference, eos, max_new_tokens: options.max_new_tokens, stats })
+}
+
+/// Decoded replies and their rewards, `[prompt][reply]`.
+pub struct Scored {
+    pub texts: Vec<Vec<String>>,
+    pub rewards: Vec<Vec<f64>>,
+}
+
+impl Scored {
+    pub fn mean_reward(&self) -> f64 {
+        let all: Vec<f64> = self.rewards.iter().flatten().copied().collect();
+        all.iter().sum::<f64>() / all.len() as f64
+    }
+}
+
+/// Decodes every reply and scores it with the configured rewards against its record.
+pub fn score(tools: &PolicyTools, sampled: &Sampled) -> Result<Scored> {
+    let texts: Vec<Vec<String>> = sampled
+        .replies
+        .iter()
+        .map(|g| g.iter().map(|r| tools.tokenizer.decode(r)).collect::<Result<_>>())
+        .collect::<Result<_>>()?;
+    let rewards: Vec<Vec<f64>> = sampled
+        .examples
+        .iter()
+        .zip(&texts)
+        .map(|(e, g)| {
+            let record = e.record.as_ref().expect("JSONL examples keep their record");
+            g.iter().map(|t| tools.rewards.score(record, t)).collect()
+        })
+        .collect();
+    if !rewards.iter().flatten().all(|r| r.is_finite()) {
+        bail!("a reward is not finite");
+    }
+    Ok(Scored { texts, rewards })
+}
+
+/// The policy-gradient loss of `grpo` and `polychromic_rl` for per-reply `advantages`: one
+/// teacher-forced forward of the policy, plus inference passes for the ratio's sampling policy
+/// (under dropout) and for the KL reference.
+pub fn policy_gradient_step(input: &mut StepInput, sampled: Sampled, advantages: &[f64]) -> Result<Loss> {
+    let (config, model, device) = (input.config, input.model, input.device);
+    let ob = &config.objective;
+    let mut stats = sampled.stats.clone();
+    let context = ForwardContext::for_run(config, input.step);
+    let started = Instant::now();
+    let logp = token_logprobs(model, &sampled.batch, &context);
+    let reference = input.tools()?.reference.as_ref().filter(|_| ob.kl_beta > 0.0);
+    let with_dropout = config.model.dropout > 0.0;
+    // The same sequences on the inference device, built once for both extra passes.
+    let rows = sampled.rows();
+    let inner_batch = (with_dropout || reference.is_some())
+        .then(|| ReplyBatch::new(&rows, sampled.eos, model.context_length(), &device.clone().inner()));
+    let host_logprobs = |m: &Gpt| {
+        let inner = inner_batch.as_ref().expect("built when an extra pass is needed");
+        Tensor::<2>::from_data(token_logprobs(m, inner, &context).into_data(), device)
+    };
+    let old_logp = if with_dropout { host_logprobs(&sampled.inference) } else { logp.clone().detach() };
+    let reference_logp = reference.map(host_logprobs);
+    let (loss, quality, kl) = policy_gradient_loss(logp, old_logp, reference_logp, &sampled.batch, advantages, ob.ppo_clip, ob.kl_beta);
+    stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
+    stats.add("train/quality_loss", scalar(&quality));
+    if let Some(kl) = kl {
+        stats.add("train/kl", scalar(&kl));
+    }
+    Ok(Loss { loss, tokens: sampled.batch.tokens(), metrics: stats.metrics })
+}
+
+pub(crate) fn scalar(t: &Tensor<1>) -> f64 {
+    t.clone().into_scalar::<f32>() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_advantages_center_and_scale() {
+        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0], true);
+        assert_eq!(a, vec![1.0, -1.0, -1.0, 1.0]);
+        assert_eq!(group_advantages(&[1.0, 1.0], true), vec![0.0, 0.0]);
+        assert_eq!(group_advantages(&[2.0, 0.0], false), vec![1.0, -1.0]);
+    }
+
+    #[test]
+    fn reply_batch_masks_reply_tokens_and_the_end_token() {
+        let device = Device::flex();
+        let (prompt, reply) = ([5u32, 6, 7], [8u32, 9]);
+        let rows: Vec<(&[u32], &[u32], bool)> = vec![(&prompt, &reply, true), (&prompt[..1], &reply[..1], false)];
+        let batch = ReplyBatch::new(&rows, 2, 16, &device);
+        // Row 0: 5 6 7 8 9 <eos>: targets 6 7 8 9 2, the last three are the reply.
+        assert_eq!(batch.reply_tokens, vec![3, 1]);
+        let mask: Vec<f32> = batch.tensors.loss_mask.into_data().try_into_vec().unwrap();
+        assert_eq!(mask, vec![0., 0., 1., 1., 1., 1., 0., 0., 0., 0.]);
+        let targets: Vec<i64> = batch.tensors.targets.into_data().convert::<i64>().try_into_vec().unwrap();
+        assert_eq!(targets, vec![6, 7, 8, 9, 2, 8, 0, 0, 0, 0]);
+    }
+}
