@@ -1,7 +1,6 @@
 //! Benchmarks behind `polyburn bench`: each measures every side it reports in the same run.
 
 use std::fmt;
-use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -11,7 +10,7 @@ use crate::config::Config;
 use crate::data::{SampleSource, TokenCorpus};
 use crate::device::device_from_name;
 use crate::rng::{SplitMix64, Stream, derive_seed};
-use crate::train::optim::build_optimizer;
+use crate::timing::{median, time_infallible, time_runs};
 use crate::train::trainer::{Learner, init_model};
 
 pub struct TrainBenchOptions {
@@ -65,25 +64,12 @@ impl fmt::Display for TrainBenchReport {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Median throughput of an `n × n` f32 matmul on `device`, in GFLOP/s.
 pub fn matmul_gflops(device: &Device, n: usize, repeats: usize) -> f64 {
     let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
     let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
-    let mut times = Vec::new();
-    for i in 0..repeats + 2 {
-        let start = Instant::now();
-        let c = a.clone().matmul(b.clone());
-        let _ = c.into_data();
-        if i >= 2 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    2.0 * (n as f64).powi(3) / median(times) / 1e9
+    let timed = time_infallible(2, repeats, |_| drop(a.clone().matmul(b.clone()).into_data()));
+    2.0 * (n as f64).powi(3) / (timed.median_ms() / 1e3) / 1e9
 }
 
 /// Throughput of the matmuls one training step of `gpt` runs for its linear layers, at their
@@ -100,14 +86,13 @@ pub fn model_shape_matmul_gflops(gpt: &crate::model::GptConfig, m: usize, device
         let x = Tensor::<2>::random([m, k], normal, device);
         let w = Tensor::<2>::random([k, n], normal, device);
         let dy = Tensor::<2>::random([m, n], normal, device);
-        for _ in 0..2 {
-            let start = Instant::now();
+        let timed = time_infallible(0, 2, |_| {
             let _ = x.clone().matmul(w.clone()).into_data();
             let _ = dy.clone().matmul(w.clone().transpose()).into_data();
             let _ = x.clone().transpose().matmul(dy.clone()).into_data();
-            secs += start.elapsed().as_secs_f64();
-            flops += 3.0 * 2.0 * (m * k * n) as f64;
-        }
+        });
+        secs += timed.ms.iter().sum::<f64>() / 1e3;
+        flops += timed.ms.len() as f64 * 3.0 * 2.0 * (m * k * n) as f64;
     }
     flops / secs / 1e9
 }
@@ -121,9 +106,8 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
     let device = device_from_name(&config.run.device)?;
     let train_device = device.clone().autodiff();
     let model = init_model(&gpt, config.run.seed, &train_device);
-    let optimizer = build_optimizer(&config.optimizer, &model);
     let matmul_params = model.matmul_params();
-    let mut learner = Learner { config: config.clone(), device: train_device, model, optimizer, policy: None };
+    let mut learner = Learner::new(config.clone(), train_device, model, None)?;
 
     let steps = WARMUP_STEPS + options.timed_steps.max(1);
     let n_tokens = steps * learner.samples_per_step() as usize * (gpt.context_length + 1) + gpt.context_length + 1;
@@ -131,20 +115,13 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
     let tokens: Vec<u32> = (0..n_tokens).map(|_| rng.below(vocab as u64) as u32).collect();
     let mut source = SampleSource::new(TokenCorpus::Stream(tokens), gpt.context_length, config.run.seed, false)?;
 
-    let mut times = Vec::new();
-    let mut tokens_per_step = 0;
-    let mut peak_bytes = None;
-    for step in 0..steps {
-        let start = Instant::now();
+    let timed = time_runs(WARMUP_STEPS, options.timed_steps.max(1), |step| {
         let (stats, peak) = crate::memory::measure_peak(|| learner.step(&mut source, step as u64));
-        let stats = stats?;
-        if step >= WARMUP_STEPS {
-            times.push(start.elapsed().as_secs_f64());
-            tokens_per_step = stats.tokens;
-            peak_bytes = peak_bytes.max(peak);
-        }
-    }
-    let step_secs = median(times);
+        stats.map(|s| (s.tokens, peak))
+    })?;
+    let tokens_per_step = timed.results.last().map_or(0, |r| r.0);
+    let peak_bytes = timed.results.iter().map(|r| r.1).max().flatten();
+    let step_secs = timed.median_ms() / 1e3;
     let tokens_per_sec = tokens_per_step as f64 / step_secs;
     let matmul_size = 2048;
     let gflops = matmul_gflops(&device, matmul_size, 5);
@@ -200,7 +177,7 @@ impl fmt::Display for GenerateBenchReport {
 /// initialised model of `config`'s shape, once with the KV cache and once recomputing.
 /// Prompts have different lengths (8 to 8 + 4·prompts tokens).
 pub fn bench_generate(config: &Config, prompts: usize, replies: usize, new_tokens: usize) -> Result<GenerateBenchReport> {
-    use crate::generate::{Decoding, SamplingOptions, generate_batch};
+    use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
     let vocab = config.model.vocab_size.unwrap_or(8192);
     let gpt = crate::model::GptConfig::from_model_config(&config.model, vocab, 1);
     let device = device_from_name(&config.run.device)?;
@@ -212,14 +189,12 @@ pub fn bench_generate(config: &Config, prompts: usize, replies: usize, new_token
     // the same work and must agree token for token.
     let options = SamplingOptions { temperature: 0.0, max_new_tokens: new_tokens, stop_token: None, ..Default::default() };
     let context = crate::model::ForwardContext::default();
-    let run = |decoding| -> Result<(f64, Vec<Vec<Vec<u32>>>)> {
-        let start = Instant::now();
-        let out = generate_batch(&model, &batch, replies, &options, &context, decoding, &device)?;
-        Ok((start.elapsed().as_secs_f64(), out))
+    let run = |warmup, decoding| -> Result<(f64, Vec<Vec<Vec<u32>>>)> {
+        let mut timed = time_runs(warmup, 1, |_| generate_batch(&model, &batch, replies, &options, &context, decoding, &device))?;
+        Ok((timed.median_ms() / 1e3, timed.results.pop().expect("one timed run")))
     };
-    run(Decoding::KvCache)?; // warm-up
-    let (cached_secs, cached) = run(Decoding::KvCache)?;
-    let (recompute_secs, recomputed) = run(Decoding::Recompute)?;
+    let (cached_secs, cached) = run(1, Decoding::KvCache)?;
+    let (recompute_secs, recomputed) = run(0, Decoding::Recompute)?;
     let tokens = (prompts * replies * new_tokens) as f64;
     Ok(GenerateBenchReport {
         device: config.run.device.clone(),
@@ -268,28 +243,20 @@ pub fn bench_polychromic(config: &Config, timed_steps: usize) -> Result<Polychro
     let data = crate::data::prepare(config, &dir)?;
     let train_device = device_from_name(&config.run.device)?.autodiff();
     let (_, model) = crate::train::trainer::build_model(config, data.tokenizer.vocab_size(), &train_device)?;
-    let optimizer = build_optimizer(&config.optimizer, &model);
-    let policy = Some(crate::train::objective::PolicyTools::new(config, data.tokenizer.clone())?);
-    let mut learner = Learner { config: config.clone(), device: train_device, model, optimizer, policy };
+    let mut learner = Learner::new(config.clone(), train_device, model, Some(&data.tokenizer))?;
     let mut source = data.train;
     let first_step = config.objective.sft_steps as u64;
-    let mut steps = Vec::new();
+    let timed = time_runs(WARMUP_STEPS, timed_steps.max(1), |i| learner.step(&mut source, first_step + i as u64))?;
     let mut parts: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for i in 0..WARMUP_STEPS + timed_steps.max(1) {
-        let start = Instant::now();
-        let stats = learner.step(&mut source, first_step + i as u64)?;
-        if i >= WARMUP_STEPS {
-            steps.push(start.elapsed().as_secs_f64() * 1e3);
-            for (name, value) in stats.metrics {
-                if let Some(part) = name.strip_prefix("perf/").and_then(|n| n.strip_suffix("_ms")) {
-                    parts.entry(part.to_string()).or_default().push(value);
-                }
-            }
+    for (name, value) in timed.results.into_iter().flat_map(|stats| stats.metrics) {
+        if let Some(part) = name.strip_prefix("perf/").and_then(|n| n.strip_suffix("_ms")) {
+            parts.entry(part.to_string()).or_default().push(value);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let step_ms = median(steps.clone());
-    let parts_ms: std::collections::BTreeMap<String, f64> = parts.into_iter().map(|(k, v)| (k, median(v))).collect();
+    let step_ms = median(&timed.ms);
+    let steps = timed.ms;
+    let parts_ms: std::collections::BTreeMap<String, f64> = parts.into_iter().map(|(k, v)| (k, median(&v))).collect();
     Ok(PolychromicBenchReport {
         objective: serde_yaml::to_string(&config.objective.kind)?.trim().to_string(),
         steps: steps.len(),

@@ -78,14 +78,14 @@ pub struct KernelsConfig {
     pub lcs_gpu_min_cells: u64,
 }
 
+/// Every op defaults to its kernel's own default (fused).
 impl Default for KernelsConfig {
     fn default() -> Self {
-        use polyburn_kernels::{attention::AttentionImpl, diversity::DiversityImpl, lcs::LcsImpl};
         Self {
-            attention: AttentionImpl::Fused,
-            diversity: DiversityImpl::Fused,
-            lcs: LcsImpl::Fused,
-            cross_entropy: polyburn_kernels::cross_entropy::CrossEntropyImpl::Fused,
+            attention: Default::default(),
+            diversity: Default::default(),
+            lcs: Default::default(),
+            cross_entropy: Default::default(),
             lcs_gpu_min_cells: polyburn_kernels::lcs::DEFAULT_GPU_MIN_CELLS,
         }
     }
@@ -175,7 +175,7 @@ pub struct ObjectiveConfig {
     /// λ of `polychromic_regularized`.
     pub lambda: f64,
     /// The set diversity of `polychromic_rl`: semantic, distinct_2, self_bleu or lcs.
-    pub diversity: crate::diversity::DiversityMetric,
+    pub diversity: DiversityMetric,
     /// Sentence encoder for semantic diversity: hub id (through the HF cache) or folder.
     pub encoder: String,
     /// Divide advantages by their standard deviation (within the group / across sets).
@@ -197,8 +197,8 @@ impl Default for ObjectiveConfig {
             n_samples: 8,
             n_sets: 4,
             lambda: 0.1,
-            diversity: crate::diversity::DiversityMetric::Semantic,
-            encoder: crate::model::encoder::DEFAULT_ENCODER.into(),
+            diversity: DiversityMetric::Semantic,
+            encoder: DEFAULT_ENCODER.into(),
             normalize_advantage: true,
             ppo_clip: 0.2,
             kl_beta: 0.0,
@@ -348,8 +348,10 @@ pub enum GeluApproximation {
     Tanh,
 }
 
-/// How a gated unit's α is set (`model.ffn.alpha_mode`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How a gated unit's α is set (`model.ffn.alpha_mode`), written as `static_<x>`,
+/// `learnable`, `scheduler_cosine` or `scheduler_linear`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum AlphaMode {
     /// `static_<x>`, 0 ≤ x ≤ 1.
     Static(f64),
@@ -359,6 +361,24 @@ pub enum AlphaMode {
     SchedulerCosine,
     /// Linear ramp from `alpha_min` up to `alpha_max` over `alpha_steps`.
     SchedulerLinear,
+}
+
+impl TryFrom<String> for AlphaMode {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::parse(&text)
+    }
+}
+
+impl From<AlphaMode> for String {
+    fn from(mode: AlphaMode) -> String {
+        match mode {
+            AlphaMode::Static(x) => format!("static_{x:?}"),
+            AlphaMode::Learnable => "learnable".into(),
+            AlphaMode::SchedulerCosine => "scheduler_cosine".into(),
+            AlphaMode::SchedulerLinear => "scheduler_linear".into(),
+        }
+    }
 }
 
 impl AlphaMode {
@@ -382,8 +402,7 @@ impl AlphaMode {
 #[serde(deny_unknown_fields, default)]
 pub struct FfnConfig {
     pub unit: FfnUnit,
-    /// `static_<x>`, `learnable`, `scheduler_cosine` or `scheduler_linear`.
-    pub alpha_mode: String,
+    pub alpha_mode: AlphaMode,
     /// Starting α for `learnable` (default 0.5).
     pub alpha_init: Option<f64>,
     pub alpha_min: f64,
@@ -399,7 +418,7 @@ impl Default for FfnConfig {
     fn default() -> Self {
         Self {
             unit: FfnUnit::Gelu,
-            alpha_mode: "static_1.0".into(),
+            alpha_mode: AlphaMode::Static(1.0),
             alpha_init: None,
             alpha_min: 0.0,
             alpha_max: 1.0,
@@ -407,12 +426,6 @@ impl Default for FfnConfig {
             gate_norm: false,
             approximate: GeluApproximation::None,
         }
-    }
-}
-
-impl FfnConfig {
-    pub fn alpha(&self) -> AlphaMode {
-        AlphaMode::parse(&self.alpha_mode).expect("validated")
     }
 }
 
@@ -575,8 +588,6 @@ impl Config {
         check(m.context_length > 0, "model.context_length", "must be > 0");
         check((0.0..1.0).contains(&m.dropout), "model.dropout", "must be in [0, 1)");
         let f = &m.ffn;
-        let alpha_problem = AlphaMode::parse(&f.alpha_mode).err().unwrap_or_default();
-        check(alpha_problem.is_empty(), "model.ffn.alpha_mode", &alpha_problem);
         check(f.alpha_init.is_none_or(|a| a > 0.0 && a < 1.0), "model.ffn.alpha_init", "must be in (0, 1)");
         check((0.0..=1.0).contains(&f.alpha_min), "model.ffn.alpha_min", "must be in [0, 1]");
         check((0.0..=1.0).contains(&f.alpha_max), "model.ffn.alpha_max", "must be in [0, 1]");
@@ -677,6 +688,25 @@ pub fn apply_override(root: &mut Value, assignment: &str) -> Result<(), ConfigEr
     unreachable!("the loop returns at the last key")
 }
 
+/// The encoder used for semantic diversity when none is named.
+pub const DEFAULT_ENCODER: &str = "sentence-transformers/all-MiniLM-L6-v2";
+
+/// Which diversity a polychromic objective multiplies into its set score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiversityMetric {
+    /// Mean pairwise cosine distance of sentence-encoder embeddings.
+    #[default]
+    Semantic,
+    /// Distinct bigrams over all bigrams of the group.
+    Distinct2,
+    /// 1 − self-BLEU.
+    SelfBleu,
+    /// 1 − mean pairwise LCS length / longer length, over tokens.
+    Lcs,
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,6 +766,9 @@ mod tests {
     fn alpha_modes_parse_and_bad_ones_name_the_field() {
         assert_eq!(AlphaMode::parse("static_0.25"), Ok(AlphaMode::Static(0.25)));
         assert_eq!(AlphaMode::parse("learnable"), Ok(AlphaMode::Learnable));
+        for mode in [AlphaMode::Static(0.0), AlphaMode::Static(0.25), AlphaMode::Static(1.0), AlphaMode::Learnable, AlphaMode::SchedulerLinear] {
+            assert_eq!(AlphaMode::parse(&String::from(mode)), Ok(mode), "{mode:?} round-trips through its name");
+        }
         for bad in ["static_1.5", "static_x", "cosine"] {
             let e = parse("data: {train: x}", &[&format!("model.ffn.alpha_mode={bad}")]).unwrap_err();
             assert_eq!(e.0[0].at, "model.ffn.alpha_mode", "{e}");

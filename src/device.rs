@@ -5,21 +5,11 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 
 pub fn device_from_name(name: &str) -> Result<Device> {
+    if let Some((_, device)) = polyburn_kernels::compiled_devices().into_iter().find(|(n, _)| *n == name) {
+        return Ok(device);
+    }
     match name {
-        "flex" => Ok(Device::flex()),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
-        #[cfg(feature = "cuda")]
-        "cuda" => Ok(Device::cuda(0usize)),
-        #[cfg(not(feature = "wgpu"))]
-        "wgpu" => not_compiled_in(name),
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => not_compiled_in(name),
+        "wgpu" | "cuda" => bail!("run.device: `{name}` was not compiled in; rebuild with `cargo build --features {name}`"),
         other => bail!("run.device: unknown device `{other}` (flex, wgpu or cuda)"),
     }
-}
-
-#[allow(dead_code)] // unused when every backend feature is on
-fn not_compiled_in(name: &str) -> Result<Device> {
-    bail!("run.device: `{name}` was not compiled in; rebuild with `cargo build --features {name}`")
 }

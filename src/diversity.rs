@@ -10,20 +10,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use polyburn_kernels::lcs::{LcsImpl, lcs_group_dp, lcs_groups};
 
-/// Which diversity a polychromic objective multiplies into its set score.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiversityMetric {
-    /// Mean pairwise cosine distance of sentence-encoder embeddings.
-    #[default]
-    Semantic,
-    /// Distinct bigrams over all bigrams of the group.
-    Distinct2,
-    /// 1 − self-BLEU.
-    SelfBleu,
-    /// 1 − mean pairwise LCS length / longer length, over tokens.
-    Lcs,
-}
+pub use crate::config::DiversityMetric;
 
 /// Mean pairwise cosine distance, `1 − mean_{i≠j} cos(e_i, e_j)`, in [0, 2].
 pub fn semantic_diversity(embeddings: &[Vec<f32>]) -> Result<f64> {

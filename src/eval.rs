@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::data::Example;
 use crate::diversity::{distinct_n, self_bleu, semantic_diversity};
-use crate::generate::{Decoding, SamplingOptions, generate_batch};
+use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
 use crate::model::ForwardContext;
 use crate::model::encoder::SentenceEncoder;
 use crate::train::reward::{Rewards, Verifier};

@@ -2,7 +2,6 @@
 //! size sweep, timed and memory-measured in one run (peak memory from [`crate::memory`]).
 
 use std::fmt;
-use std::time::Instant;
 
 use anyhow::Result;
 use burn::tensor::module::attention as burn_attention;
@@ -61,17 +60,9 @@ impl BenchDevice {
     /// Median wall time (ms) of `repeats` runs after one warm-up, and the largest peak seen.
     /// Every measured closure reads its results back, so GPU work is finished when it returns.
     fn time(&self, repeats: usize, mut f: impl FnMut()) -> (f64, Option<usize>) {
-        f();
-        let mut times = Vec::new();
-        let mut peak = None;
-        for _ in 0..repeats {
-            let start = Instant::now();
-            let ((), p) = crate::memory::measure_peak(&mut f);
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-            peak = peak.max(p);
-        }
-        times.sort_by(f64::total_cmp);
-        (times[times.len() / 2], if self.host_memory { peak } else { None })
+        let timed = crate::timing::time_infallible(1, repeats, |_| crate::memory::measure_peak(&mut f).1);
+        let peak = timed.results.iter().copied().max().flatten();
+        (timed.median_ms(), if self.host_memory { peak } else { None })
     }
 }
 
@@ -218,12 +209,10 @@ fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord
 
 /// Every op on every device compiled in: flex, and wgpu / cuda with those features.
 pub fn bench_kernels(o: &KernelBenchOptions) -> Result<KernelTable> {
-    #[allow(unused_mut)]
-    let mut devices = vec![BenchDevice { device: Device::flex(), name: "flex", host_memory: true }];
-    #[cfg(feature = "wgpu")]
-    devices.push(BenchDevice { device: Device::wgpu(burn::tensor::DeviceKind::DefaultDevice), name: "wgpu", host_memory: false });
-    #[cfg(feature = "cuda")]
-    devices.push(BenchDevice { device: Device::cuda(0usize), name: "cuda", host_memory: false });
+    let devices: Vec<BenchDevice> = polyburn_kernels::compiled_devices()
+        .into_iter()
+        .map(|(name, device)| BenchDevice { device, name, host_memory: name == "flex" })
+        .collect();
     let mut out = Vec::new();
     for d in &devices {
         bench_cross_entropy(d, o, &mut out);

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use polyburn::bench::{self, TrainBenchOptions};
 use polyburn::config::Config;
 use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
-use polyburn::generate::{Decoding, SamplingOptions, generate_batch};
+use polyburn::model::generate::{Decoding, SamplingOptions, generate_batch};
 use polyburn::sweep::{Sweep, run_sweep, write_report};
 use polyburn::train::checkpoint;
 use polyburn::train::trainer::{load_checkpointed_model, saved_config};

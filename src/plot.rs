@@ -7,7 +7,6 @@ use anyhow::{Result, anyhow, bail};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::sweep::RunSummary;
 
 /// Places a sans-serif TTF usually lives; `POLYBURN_FONT` names another.
 const FONT_PATHS: [&str; 4] = [
@@ -39,10 +38,16 @@ fn register_font() -> Result<()> {
         .map_err(|e| anyhow!(e))
 }
 
+/// One named line of a plot: `(step, value)` points.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(u64, f64)>,
+}
+
 /// One line per run: eval loss against the global step.
-pub fn eval_loss_plot(runs: &[RunSummary], path: &Path) -> Result<()> {
+pub fn eval_loss_plot(runs: &[Series], path: &Path) -> Result<()> {
     register_font()?;
-    let points: Vec<&(u64, f64)> = runs.iter().flat_map(|r| &r.eval_curve).collect();
+    let points: Vec<&(u64, f64)> = runs.iter().flat_map(|r| &r.points).collect();
     if points.is_empty() {
         bail!("no eval losses recorded yet: nothing to plot in {}", path.display());
     }
@@ -63,7 +68,7 @@ pub fn eval_loss_plot(runs: &[RunSummary], path: &Path) -> Result<()> {
         for (i, run) in runs.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(run.eval_curve.iter().copied(), color.stroke_width(2)))?
+                .draw_series(LineSeries::new(run.points.iter().copied(), color.stroke_width(2)))?
                 .label(run.name.clone())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
         }

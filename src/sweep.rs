@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use crate::config::Config;
+use crate::plot::{Series, eval_loss_plot};
 use crate::train::checkpoint;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -340,7 +341,7 @@ pub fn write_report(sweep: &Sweep) -> Result<Vec<RunSummary>> {
     for r in &rows {
         csv.push_str(&(cells(r, 6).join(",") + "\n"));
     }
-    checkpoint::write_file_atomic(&sweep.output_dir.join("summary.csv"), csv.as_bytes())?;
+    crate::weights::write_file_atomic(&sweep.output_dir.join("summary.csv"), csv.as_bytes())?;
 
     let mut md = format!(
         "# Sweep `{}`\n\nBase config: `{}`. Sorted by best eval loss (lower is better). `final_alpha` lists each layer's α at the end (gated FFNs only).\n\n",
@@ -354,8 +355,9 @@ pub fn write_report(sweep: &Sweep) -> Result<Vec<RunSummary>> {
         md.push_str(&format!("| {} |\n", cells(r, 4).join(" | ")));
     }
     md.push_str("\nEval-loss curves: `eval_loss.png`. Per-run logs: `<run>/metrics.jsonl`, `<run>/tb/`, `<run>/train.log`.\n");
-    checkpoint::write_file_atomic(&sweep.output_dir.join("summary.md"), md.as_bytes())?;
-    crate::plot::eval_loss_plot(&rows, &sweep.output_dir.join("eval_loss.png"))?;
+    crate::weights::write_file_atomic(&sweep.output_dir.join("summary.md"), md.as_bytes())?;
+    let curves: Vec<Series> = rows.iter().map(|r| Series { name: r.name.clone(), points: r.eval_curve.clone() }).collect();
+    eval_loss_plot(&curves, &sweep.output_dir.join("eval_loss.png"))?;
     Ok(rows)
 }
 

@@ -227,7 +227,7 @@ fn qwen2_shaped_models_round_trip_with_qkv_biases() {
         tie_embeddings: true,
         ffn: polyburn::config::FfnConfig {
             unit: polyburn::config::FfnUnit::Pasilu,
-            alpha_mode: "static_1.0".into(),
+            alpha_mode: polyburn::config::AlphaMode::Static(1.0),
             ..Default::default()
         },
         total_steps: 1,

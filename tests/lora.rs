@@ -62,12 +62,12 @@ fn only_adapters_train_are_stored_and_merge_exactly() {
     assert!(max_diff(&unmerged, &logits(&base.model)) > 1e-3, "the adapters changed the model");
     // Base weights are untouched: merging a zero update would give the base back, and the
     // trained model's non-adapter tensors equal the pretrained ones.
-    let frozen: std::collections::HashMap<String, Vec<u8>> = polyburn::train::checkpoint::named_parameters(&trained.model)
+    let frozen: std::collections::HashMap<String, Vec<u8>> = polyburn::weights::named_parameters(&trained.model)
         .into_iter()
         .filter(|(n, _, _)| !n.contains(".lora_"))
         .map(|(n, _, d)| (n, d.as_bytes().to_vec()))
         .collect();
-    for (n, _, d) in polyburn::train::checkpoint::named_parameters(&base.model) {
+    for (n, _, d) in polyburn::weights::named_parameters(&base.model) {
         assert_eq!(frozen[&n], d.as_bytes(), "base tensor {n} changed");
     }
     let merged = logits(&trained.model.merge_lora());
@@ -137,7 +137,7 @@ fn gpt2_shaped_peft_adapters_reproduce_the_merged_update() {
     }
     let trained = load_checkpointed_model(&out, None).unwrap();
     let weight = |m: &polyburn::model::Gpt| {
-        polyburn::train::checkpoint::named_parameters(m)
+        polyburn::weights::named_parameters(m)
             .into_iter()
             .find(|(n, _, _)| n == "blocks.0.attn.qkv.weight")
             .map(|(_, _, d)| d.try_to_vec::<f32>().unwrap())

@@ -36,13 +36,7 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// Flex, plus every Cube runtime compiled in: `--features wgpu` runs the CubeCL kernels on
 /// whatever adapter wgpu finds (Mesa's software Vulkan in CI), `--features cuda` on GPU 0.
 fn devices() -> Vec<Device> {
-    #[allow(unused_mut)]
-    let mut devices = vec![Device::flex()];
-    #[cfg(feature = "wgpu")]
-    devices.push(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
-    #[cfg(feature = "cuda")]
-    devices.push(Device::cuda(0usize));
-    devices
+    polyburn_kernels::compiled_devices().into_iter().map(|(_, d)| d).collect()
 }
 
 /// Forward output and the gradients of `sum(out · w)` w.r.t. `inputs`, for one implementation.

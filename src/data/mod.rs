@@ -14,7 +14,7 @@ pub use corpus::{Example, TokenCorpus};
 pub use tokenizer::TextTokenizer;
 
 /// File name of the tokenizer a run uses, saved in its output directory.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub use crate::hub::TOKENIZER_FILE;
 
 /// Raw text of one corpus file, in the shape its format implies.
 enum RawCorpus {
@@ -81,7 +81,7 @@ pub struct PreparedData {
 /// `tokenizer.json` path.
 pub fn build_tokenizer(config: &Config, texts: &[&str]) -> Result<TextTokenizer> {
     if let Some(id) = &config.model.pretrained {
-        let dir = crate::model::hf::resolve(id).context("model.pretrained")?;
+        let dir = crate::hub::resolve(id).context("model.pretrained")?;
         return TextTokenizer::from_file(&dir.join(TOKENIZER_FILE));
     }
     match config.data.tokenizer.as_str() {

@@ -13,10 +13,9 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use serde::Deserialize;
 
-use crate::train::checkpoint::{Saved, TensorFile, load_params};
+use crate::weights::{Saved, TensorFile, load_params};
 
-/// The encoder used for semantic diversity when none is named.
-pub const DEFAULT_ENCODER: &str = "sentence-transformers/all-MiniLM-L6-v2";
+pub use crate::config::DEFAULT_ENCODER;
 
 /// Texts per forward pass.
 const ENCODE_BATCH: usize = 64;
@@ -139,9 +138,9 @@ pub struct SentenceEncoder {
 }
 
 impl SentenceEncoder {
-    /// Loads a model folder, or a hub id through the Hugging Face cache (see [`super::hf::resolve`]).
+    /// Loads a model folder, or a hub id through the Hugging Face cache (see [`crate::hub::resolve`]).
     pub fn load(id_or_path: &str, device: &Device) -> Result<Self> {
-        let dir = super::hf::resolve(id_or_path).with_context(|| format!("sentence encoder `{id_or_path}`"))?;
+        let dir = crate::hub::resolve(id_or_path).with_context(|| format!("sentence encoder `{id_or_path}`"))?;
         Self::from_folder(&dir, device)
     }
 
@@ -163,7 +162,7 @@ impl SentenceEncoder {
         tokenizer
             .with_truncation(Some(tokenizers::TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| anyhow::anyhow!("tokenizer truncation: {e}"))?;
-        let files = super::hf::weight_files(dir)?;
+        let files = crate::hub::weight_files(dir)?;
         let file = TensorFile::read(&files)?;
         let prefix = if file.tensors.contains_key("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
         let tensors = hf_to_ours(&file, &c, prefix)?;

@@ -69,7 +69,7 @@ impl GateSettings {
     pub fn new(f: &FfnConfig, total_steps: u64) -> Self {
         Self {
             unit: f.unit,
-            alpha: f.alpha(),
+            alpha: f.alpha_mode,
             alpha_min: f.alpha_min,
             alpha_max: f.alpha_max,
             alpha_steps: f.alpha_steps.map_or(total_steps, |s| s as u64),
@@ -233,7 +233,7 @@ mod tests {
     ];
 
     fn unit_with(unit: FfnUnit, alpha_mode: &str, gate_norm: bool, device: &Device) -> GatedFfn {
-        let f = FfnConfig { unit, alpha_mode: alpha_mode.into(), gate_norm, ..Default::default() };
+        let f = FfnConfig { unit, alpha_mode: AlphaMode::parse(alpha_mode).unwrap(), gate_norm, ..Default::default() };
         let linear = |i, o, _| {
             LinearConfig::new(i, o).with_initializer(Initializer::Normal { mean: 0.0, std: 0.7 }).init(device)
         };
@@ -324,7 +324,7 @@ mod tests {
         assert!((linear_schedule(0, 10, 0.2, 0.8) - 0.2).abs() < 1e-12);
         assert!((linear_schedule(5, 10, 0.2, 0.8) - 0.5).abs() < 1e-12);
         assert!((linear_schedule(10, 10, 0.2, 0.8) - 0.8).abs() < 1e-12);
-        let f = FfnConfig { unit: FfnUnit::Paglu, alpha_mode: "scheduler_cosine".into(), ..Default::default() };
+        let f = FfnConfig { unit: FfnUnit::Paglu, alpha_mode: AlphaMode::SchedulerCosine, ..Default::default() };
         let s = GateSettings::new(&f, 200);
         assert_eq!(s.fixed_alpha(100), Some(0.5));
     }

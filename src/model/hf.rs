@@ -15,9 +15,10 @@ use serde::Deserialize;
 
 use super::norm::NormKind;
 use super::transformer::{Architecture, Gpt, GptConfig};
-use crate::config::{FfnConfig, FfnUnit, GeluApproximation};
+use crate::config::{AlphaMode, FfnConfig, FfnUnit, GeluApproximation};
 use crate::data::TextTokenizer;
-use crate::train::checkpoint::{Saved, TensorFile, load_params};
+use crate::hub::{TOKENIZER_FILE, resolve, weight_files};
+use crate::weights::{Saved, TensorFile, load_params};
 
 /// A pretrained model ready to run.
 pub struct PretrainedModel {
@@ -27,49 +28,6 @@ pub struct PretrainedModel {
     pub tokenizer: TextTokenizer,
     /// `eos_token_id` of config.json: generation stops there.
     pub eos_token_id: Option<u32>,
-}
-
-/// A local folder, or a hub id: looked up in the Hugging Face cache (`HF_HOME`), and
-/// downloaded into it when missing unless `HF_HUB_OFFLINE=1`.
-pub fn resolve(id_or_path: &str) -> Result<PathBuf> {
-    let path = Path::new(id_or_path);
-    if path.is_dir() {
-        return Ok(path.to_path_buf());
-    }
-    let cache = hf_hub::Cache::from_env();
-    let cached = cache.model(id_or_path.to_string());
-    let complete = |dir: &Path| dir.join(crate::data::TOKENIZER_FILE).is_file() && weight_files(dir).is_ok();
-    if let Some(config) = cached.get("config.json")
-        && let Some(dir) = config.parent().filter(|d| complete(d))
-    {
-        return Ok(dir.to_path_buf());
-    }
-    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
-        bail!(
-            "`{id_or_path}` is neither a model folder nor complete in the Hugging Face cache ({}), \
-             and HF_HUB_OFFLINE=1 forbids downloading it",
-            cache.path().display()
-        );
-    }
-    download(id_or_path).with_context(|| {
-        format!("`{id_or_path}` is not a local folder or cached model, and downloading it from the Hugging Face hub failed")
-    })
-}
-
-/// Fetches config, tokenizer and weights (single file or every shard) into the HF cache.
-fn download(id: &str) -> Result<PathBuf> {
-    let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build()?;
-    let repo = api.model(id.to_string());
-    let config = repo.get("config.json")?;
-    repo.get(crate::data::TOKENIZER_FILE)?;
-    if repo.get("model.safetensors").is_err() {
-        let index = repo.get("model.safetensors.index.json")?;
-        let dir = index.parent().expect("a file in a folder").to_path_buf();
-        for shard in weight_files(&dir)? {
-            repo.get(&shard.file_name().expect("a shard file").to_string_lossy())?;
-        }
-    }
-    Ok(config.parent().expect("a file in a folder").to_path_buf())
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,28 +94,6 @@ pub fn gpt2_name(ours: &str, prefix: &str) -> String {
     format!("<no GPT-2 tensor for `{ours}`>")
 }
 
-/// The weight files of a model folder: one file, or the shards an index lists.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: std::collections::BTreeMap<String, String>,
-        }
-        let text = std::fs::read_to_string(&index)?;
-        let idx: Index = serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-        let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
-        shards.sort();
-        shards.dedup();
-        return Ok(shards);
-    }
-    bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
-}
-
 /// Loads a Hugging Face model folder or cached hub id onto `device`.
 pub fn load_pretrained(id_or_path: &str, device: &Device) -> Result<PretrainedModel> {
     let dir = resolve(id_or_path)?;
@@ -176,7 +112,7 @@ pub fn load_pretrained(id_or_path: &str, device: &Device) -> Result<PretrainedMo
             config_path.display()
         ),
     };
-    let tokenizer = TextTokenizer::from_file(&dir.join(crate::data::TOKENIZER_FILE))?;
+    let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
     Ok(PretrainedModel { dir, config, model, tokenizer, eos_token_id })
 }
 
@@ -300,7 +236,7 @@ fn load_llama(
         bias: c.mlp_bias,
         tie_embeddings: c.tie_word_embeddings,
         // SwiGLU is the paSiLU unit at α = 1: down(up(x) ⊙ silu(gate(x))).
-        ffn: FfnConfig { unit: FfnUnit::Pasilu, alpha_mode: "static_1.0".into(), ..Default::default() },
+        ffn: FfnConfig { unit: FfnUnit::Pasilu, alpha_mode: AlphaMode::Static(1.0), ..Default::default() },
         total_steps: 1,
         arch: Architecture {
             norm: NormKind::Rms,
@@ -381,15 +317,15 @@ pub fn export_pretrained(model: &Gpt, config: &GptConfig, tokenizer_file: &Path,
         _ => bail!("this model mixes GPT-2 and Llama features; it has no Hugging Face architecture to export to"),
     };
     write_safetensors(&out.join("model.safetensors"), &tensors, out)?;
-    crate::train::checkpoint::write_file_atomic(&out.join("config.json"), serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
+    crate::weights::write_file_atomic(&out.join("config.json"), serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
     let tokenizer = std::fs::read(tokenizer_file).with_context(|| format!("reading {}", tokenizer_file.display()))?;
-    crate::train::checkpoint::write_file_atomic(&out.join(crate::data::TOKENIZER_FILE), &tokenizer)
+    crate::weights::write_file_atomic(&out.join(TOKENIZER_FILE), &tokenizer)
 }
 
 type NamedTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 fn our_tensors(model: &Gpt) -> Result<std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>> {
-    crate::train::checkpoint::named_parameters(model)
+    crate::weights::named_parameters(model)
         .into_iter()
         .map(|(name, _, data)| {
             let shape = data.shape().to_vec();
@@ -430,7 +366,7 @@ fn gpt2_export(model: &Gpt, c: &GptConfig, eos: Option<u32>) -> Result<(serde_js
 }
 
 fn llama_export(model: &Gpt, c: &GptConfig, theta: f64, eos: Option<u32>) -> Result<(serde_json::Value, NamedTensors)> {
-    let swiglu = c.ffn.unit == FfnUnit::Pasilu && c.ffn.alpha_mode == "static_1.0" && !c.ffn.gate_norm;
+    let swiglu = c.ffn.unit == FfnUnit::Pasilu && c.ffn.alpha_mode == AlphaMode::Static(1.0) && !c.ffn.gate_norm;
     if !swiglu {
         bail!("model.ffn: this Llama-shaped model's FFN is not SwiGLU (paGating FFNs have no Hugging Face equivalent)");
     }
@@ -537,7 +473,7 @@ pub fn export_lora_adapters(
         "fan_in_fan_out": false, "inference_mode": true, "base_model_name_or_path": base_model.unwrap_or(""),
     });
     write_safetensors(&out.join("adapter_model.safetensors"), &tensors, out)?;
-    crate::train::checkpoint::write_file_atomic(&out.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config)?.as_bytes())
+    crate::weights::write_file_atomic(&out.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config)?.as_bytes())
 }
 
 fn write_safetensors(path: &Path, tensors: &NamedTensors, dir: &Path) -> Result<()> {
@@ -556,7 +492,7 @@ fn write_safetensors(path: &Path, tensors: &NamedTensors, dir: &Path) -> Result<
         .collect::<Result<Vec<_>>>()?;
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow::anyhow!("serialising: {e}"))?;
-    crate::train::checkpoint::write_file_atomic(path, &bytes)
+    crate::weights::write_file_atomic(path, &bytes)
 }
 
 /// GPT-2 PEFT adapters. GPT-2 fuses q, k, v into one Conv1D (`c_attn`), so polyburn's
@@ -627,5 +563,5 @@ fn export_gpt2_lora_adapters(
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
     });
     write_safetensors(&out.join("adapter_model.safetensors"), &tensors, out)?;
-    crate::train::checkpoint::write_file_atomic(&out.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config)?.as_bytes())
+    crate::weights::write_file_atomic(&out.join("adapter_config.json"), serde_json::to_string_pretty(&adapter_config)?.as_bytes())
 }

@@ -2,6 +2,7 @@
 
 pub mod encoder;
 pub mod gating;
+pub mod generate;
 pub mod hf;
 pub mod lora;
 pub mod norm;

@@ -477,7 +477,7 @@ impl Block {
 }
 
 /// What a forward pass needs besides the tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ForwardContext {
     /// The trainer's global step: scheduled α values are read from it.
     pub global_step: u64,
@@ -486,10 +486,19 @@ pub struct ForwardContext {
     pub cross_entropy: CrossEntropyImpl,
 }
 
+/// Inference at step 0 ([`ForwardContext::at_step`]).
+impl Default for ForwardContext {
+    fn default() -> Self {
+        Self::at_step(0)
+    }
+}
+
 impl ForwardContext {
-    /// Reference attention at `global_step` (inference and tests).
+    /// Inference at `global_step`: the reference attention (generation's padding and cache
+    /// masks need it, and recomputed decoding must match cached decoding token for token) and
+    /// the fused cross-entropy.
     pub fn at_step(global_step: u64) -> Self {
-        Self { global_step, ..Self::default() }
+        Self { global_step, attention: AttentionImpl::Reference, cross_entropy: CrossEntropyImpl::Fused }
     }
 
     /// What a run's config asks for at `global_step`.

@@ -40,7 +40,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
             kept.push('\n');
         }
     }
-    super::checkpoint::write_file_atomic(path, kept.as_bytes())
+    crate::weights::write_file_atomic(path, kept.as_bytes())
 }
 
 impl RunLogger {

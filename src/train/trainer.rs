@@ -67,8 +67,8 @@ pub fn build_model(config: &Config, tokenizer_vocab: usize, device: &Device) -> 
 }
 
 /// What a run's weight files hold: LoRA runs store only their adapters.
-pub fn saved_weights(config: &Config) -> checkpoint::Saved {
-    if config.lora.is_some() { checkpoint::Saved::AdaptersOnly } else { checkpoint::Saved::All }
+pub fn saved_weights(config: &Config) -> crate::weights::Saved {
+    if config.lora.is_some() { crate::weights::Saved::AdaptersOnly } else { crate::weights::Saved::All }
 }
 
 fn build_base_model(config: &Config, tokenizer_vocab: usize, device: &Device) -> Result<(GptConfig, Gpt)> {
@@ -128,6 +128,18 @@ pub struct Learner {
 }
 
 impl Learner {
+    /// The learner for `model`: AdamW over its parameters (fresh state) and, for a sampling
+    /// objective, its policy tools (which decode with `tokenizer`).
+    pub fn new(config: Config, device: Device, model: Gpt, tokenizer: Option<&crate::data::TextTokenizer>) -> Result<Self> {
+        let optimizer = build_optimizer(&config.optimizer, &model);
+        let policy = match (config.objective.kind.samples(), tokenizer) {
+            (false, _) => None,
+            (true, Some(tokenizer)) => Some(PolicyTools::new(&config, tokenizer.clone())?),
+            (true, None) => bail!("objective.type: a sampling objective needs the run's tokenizer"),
+        };
+        Ok(Self { config, device, model, optimizer, policy })
+    }
+
     pub fn samples_per_step(&self) -> u64 {
         (self.config.training.batch_size * self.config.training.grad_accum_steps) as u64
     }
@@ -229,7 +241,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
 
     let state = match &latest {
         Some(ckpt) => {
-            model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE), saved_weights(&config))?;
+            model = crate::weights::load_weights(model, &ckpt.dir.join(MODEL_FILE), saved_weights(&config))?;
             ckpt.state()?
         }
         None => TrainerState {
@@ -247,27 +259,20 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     if state.seed != config.run.seed {
         bail!("run.seed: the checkpoint was trained with seed {}, the config says {}", state.seed, config.run.seed);
     }
-    let mut optimizer = build_optimizer(&config.optimizer, &model);
-    if let Some(ckpt) = &latest {
-        let path = ckpt.dir.join(OPTIMIZER_FILE);
-        optimizer = optimizer.load(&path).map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
-    }
-    checkpoint::write_file_atomic(&run_dir.join(CONFIG_FILE), config.to_yaml().as_bytes())?;
+    crate::weights::write_file_atomic(&run_dir.join(CONFIG_FILE), config.to_yaml().as_bytes())?;
 
     let max_steps = config.training.max_steps as u64;
     let logger = Some(RunLogger::open(&run_dir, state.global_step, max_steps, options.quiet)?);
-    let policy = if config.objective.kind.samples() {
-        let mut tools = PolicyTools::new(&config, data.tokenizer.clone())?;
-        if let Some(ckpt) = latest.as_ref().filter(|c| c.dir.join(REFERENCE_MODEL_FILE).exists()) {
-            let inner = device.clone().inner();
-            let (_, fresh) = build_model(&config, data.tokenizer.vocab_size(), &inner)?;
-            tools.reference = Some(checkpoint::load_weights(fresh, &ckpt.dir.join(REFERENCE_MODEL_FILE), checkpoint::Saved::All)?);
+    let reference_device = device.clone().inner();
+    let mut learner = Learner::new(config, device, model, Some(&data.tokenizer))?;
+    if let Some(ckpt) = &latest {
+        let path = ckpt.dir.join(OPTIMIZER_FILE);
+        learner.optimizer = learner.optimizer.load(&path).map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
+        if let Some(tools) = learner.policy.as_mut().filter(|_| ckpt.dir.join(REFERENCE_MODEL_FILE).exists()) {
+            let (_, fresh) = build_model(&learner.config, data.tokenizer.vocab_size(), &reference_device)?;
+            tools.reference = Some(crate::weights::load_weights(fresh, &ckpt.dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?);
         }
-        Some(tools)
-    } else {
-        None
-    };
-    let learner = Learner { config, device, model, optimizer, policy };
+    }
     let mut run = Loop { learner, run_dir, data, state, logger };
     run.announce(latest.as_ref().map(|c| c.step), &gpt);
     run.run(options.stop_at_step)
@@ -422,16 +427,16 @@ impl Loop {
         let saved = saved_weights(&self.learner.config);
         let reference = self.learner.policy.as_ref().and_then(|p| p.reference.as_ref());
         checkpoint::write_checkpoint(&self.run_dir, self.state.global_step, keep_last, |dir| {
-            checkpoint::save_weights(model, &dir.join(MODEL_FILE), saved)?;
+            crate::weights::save_weights(model, &dir.join(MODEL_FILE), saved)?;
             if let Some(reference) = reference {
-                checkpoint::save_weights(reference, &dir.join(REFERENCE_MODEL_FILE), checkpoint::Saved::All)?;
+                crate::weights::save_weights(reference, &dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?;
             }
             optimizer
                 .save(dir.join(OPTIMIZER_FILE))
                 .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
-            checkpoint::write_file_synced(&dir.join(CONFIG_FILE), config.as_bytes())?;
+            crate::weights::write_file_synced(&dir.join(CONFIG_FILE), config.as_bytes())?;
             // Written last: a directory with state.json is complete.
-            checkpoint::write_file_synced(&dir.join(STATE_FILE), &state)
+            crate::weights::write_file_synced(&dir.join(STATE_FILE), &state)
         })?;
         self.logger().flush();
         Ok(())
@@ -482,7 +487,7 @@ pub fn load_checkpointed_model(run_dir: &Path, step: Option<u64>) -> Result<Chec
     };
     let device = device_from_name(&config.run.device)?;
     let (model_config, model) = build_model(&config, tokenizer.vocab_size(), &device)?;
-    let model = checkpoint::load_weights(model, &ckpt.dir.join(MODEL_FILE), saved_weights(&config))?;
+    let model = crate::weights::load_weights(model, &ckpt.dir.join(MODEL_FILE), saved_weights(&config))?;
     Ok(CheckpointedModel { config, model_config, model, tokenizer, checkpoint: ckpt, device })
 }
 

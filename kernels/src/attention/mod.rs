@@ -22,9 +22,9 @@ pub use reference::attention_reference;
 #[serde(rename_all = "lowercase")]
 pub enum AttentionImpl {
     /// Plain tensor ops: scores, mask, softmax, weighted sum.
-    #[default]
     Reference,
     /// Flash attention: tiled online softmax forward, FlashAttention-2 backward.
+    #[default]
     Fused,
 }
 

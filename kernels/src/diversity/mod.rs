@@ -22,9 +22,9 @@ pub use reference::{pairwise_cosine_diversity_reference, pairwise_cosine_similar
 #[serde(rename_all = "lowercase")]
 pub enum DiversityImpl {
     /// Plain tensor ops: normalise, Gram matrix, masked mean.
-    #[default]
     Reference,
     /// One pass per group through the sum of unit vectors.
+    #[default]
     Fused,
 }
 

@@ -89,7 +89,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::generate::{Decoding, SamplingOptions, generate_batch};
+    use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
     use crate::rng::{Stream, derive_seed};
     use crate::train::objective::PolicyTools;
     use crate::train::trainer::build_model;
@@ -149,7 +149,7 @@ mod tests {
         let (g0, g_lambda) = (loss_at(0.0), loss_at(0.5));
         let sft = BatchTensors::new(&data.train.batch(0, base.training.batch_size), &device);
         let g_sft = grads_of(sft_loss(&model, &sft, &ForwardContext::for_run(&base, step)));
-        let ids: Vec<_> = crate::train::checkpoint::named_parameters(&model).into_iter().map(|(n, id, d)| (n, id, d.shape().len())).collect();
+        let ids: Vec<_> = crate::weights::named_parameters(&model).into_iter().map(|(n, id, d)| (n, id, d.shape().len())).collect();
         let as_vec = |g: &GradientsParams, id, rank: usize| -> Vec<f32> {
             match rank {
                 1 => g.get::<1>(id).unwrap().into_data().try_into_vec().unwrap(),

@@ -15,7 +15,7 @@ use super::{Loss, StepInput};
 use crate::config::{Config, KernelsConfig, ObjectiveType};
 use crate::data::{Batch, Example, TextTokenizer, fit_to_context};
 use crate::diversity::{DiversityMetric, lcs_diversities, lexical_diversity, semantic_diversity};
-use crate::generate::{Decoding, SamplingOptions, generate_batch};
+use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
 use crate::model::encoder::{SentenceEncoder, mean_pool_normalized};
 use crate::model::{ForwardContext, Gpt};
 use crate::rng::{Stream, derive_seed};
