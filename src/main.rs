@@ -1,6 +1,6 @@
 //! The `polyburn` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -300,94 +300,105 @@ fn install_interrupt_handler() -> Result<()> {
     .context("installing the Ctrl-C handler")
 }
 
+/// One function per command; this only dispatches.
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Train { config, run, resume } => {
-            let config = Config::load(&config, &run.overrides)?;
-            train_and_report(config, resume, &run)
-        }
-        Command::Resume { run_dir, run } => {
-            let config = saved_config(&run_dir, &run.overrides)?;
-            if checkpoint::latest_checkpoint(&run_dir)?.is_none() {
-                bail!("{} has no complete checkpoint to resume from", run_dir.display());
-            }
-            train_and_report(config, true, &run)
-        }
+        Command::Train { config, run, resume } => train_command(&config, resume, &run),
+        Command::Resume { run_dir, run } => resume_command(&run_dir, &run),
         Command::Generate(args) => generate_command(args),
         Command::Embed { model, text, file } => embed_command(&model, text, file),
         Command::Eval { run, k, samples, json, step, encoder, temperature, seed } => {
-            let options = polyburn::eval::EvalOptions {
-                k,
-                samples,
-                step,
-                encoder: (encoder != "none").then_some(encoder),
-                temperature,
-                seed,
-            };
-            let report = polyburn::eval::evaluate_run(&run, &options)?;
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.markdown(&run));
-            }
-            Ok(ExitCode::SUCCESS)
+            let encoder = (encoder != "none").then_some(encoder);
+            eval_command(&run, polyburn::eval::EvalOptions { k, samples, step, encoder, temperature, seed }, json)
         }
-        Command::Export { run, out, step, merge } => {
-            let r = load_checkpointed_model(&run, step)?;
-            match (&r.config.lora, merge) {
-                (Some(lora), false) => polyburn::model::hf::export_lora_adapters(
-                    &r.model,
-                    &r.model_config,
-                    lora,
-                    r.config.model.pretrained.as_deref(),
-                    &out,
-                )?,
-                _ => {
-                    let eos = r.tokenizer.eos_id();
-                    let merged = r.model.merge_lora();
-                    polyburn::model::hf::export_pretrained(&merged, &r.model_config, &run.join(TOKENIZER_FILE), eos, &out)?
-                }
-            }
-            println!("wrote {} (step {})", out.display(), r.checkpoint.step);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Sweep { sweep, jobs, output_dir, overrides, report } => {
-            let sweep = Sweep::load(&sweep, &overrides, output_dir.as_deref())?;
-            let failed = if report { Vec::new() } else { run_sweep(&sweep, jobs)? };
-            write_report(&sweep)?;
-            println!("report: {}", sweep.output_dir.join("summary.md").display());
-            if train::interrupted() {
-                eprintln!("sweep interrupted; run the same command again to continue");
-                return Ok(ExitCode::from(130));
-            }
-            if !failed.is_empty() {
-                bail!("{} of {} runs failed: {}", failed.len(), sweep.runs.len(), failed.join(", "));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Export { run, out, step, merge } => export_command(&run, &out, step, merge),
+        Command::Sweep { sweep, jobs, output_dir, overrides, report } => sweep_command(&sweep, jobs, output_dir.as_deref(), &overrides, report),
         Command::Tokenizer { command: TokenizerCommand::Train { inputs, kind, vocab_size, output } } => {
-            let texts = inputs
-                .iter()
-                .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
-                .collect::<Result<Vec<_>>>()?;
-            let texts = texts.iter().map(String::as_str);
-            let tokenizer = match kind {
-                TokenizerKind::Char => TextTokenizer::build_char_level(texts)?,
-                TokenizerKind::Bpe => TextTokenizer::train_byte_bpe(texts, vocab_size)?,
-            };
-            tokenizer.save(&output)?;
-            println!("wrote {} ({} tokens)", output.display(), tokenizer.vocab_size());
-            Ok(ExitCode::SUCCESS)
+            tokenizer_command(&inputs, kind, vocab_size, &output)
         }
-        Command::Bench { command: BenchCommand::Train { config, mut overrides, steps, json, attention } } => {
+        Command::Bench { command } => bench_command(command),
+    }
+}
+
+fn train_command(config: &Path, resume: bool, run: &RunArgs) -> Result<ExitCode> {
+    let config = Config::load(config, &run.overrides)?;
+    train_and_report(config, resume, run)
+}
+
+fn resume_command(run_dir: &Path, run: &RunArgs) -> Result<ExitCode> {
+    let config = saved_config(run_dir, &run.overrides)?;
+    if checkpoint::latest_checkpoint(run_dir)?.is_none() {
+        bail!("{} has no complete checkpoint to resume from", run_dir.display());
+    }
+    train_and_report(config, true, run)
+}
+
+fn eval_command(run: &Path, options: polyburn::eval::EvalOptions, json: bool) -> Result<ExitCode> {
+    let report = polyburn::eval::evaluate_run(run, &options)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.markdown(run));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_command(run: &Path, out: &Path, step: Option<u64>, merge: bool) -> Result<ExitCode> {
+    let r = load_checkpointed_model(run, step)?;
+    match (&r.config.lora, merge) {
+        (Some(lora), false) => {
+            polyburn::model::hf::export_lora_adapters(&r.model, &r.model_config, lora, r.config.model.pretrained.as_deref(), out)?
+        }
+        _ => {
+            let eos = r.tokenizer.eos_id();
+            let merged = r.model.merge_lora();
+            polyburn::model::hf::export_pretrained(&merged, &r.model_config, &run.join(TOKENIZER_FILE), eos, out)?
+        }
+    }
+    println!("wrote {} (step {})", out.display(), r.checkpoint.step);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sweep_command(file: &Path, jobs: usize, output_dir: Option<&Path>, overrides: &[String], report_only: bool) -> Result<ExitCode> {
+    let sweep = Sweep::load(file, overrides, output_dir)?;
+    let failed = if report_only { Vec::new() } else { run_sweep(&sweep, jobs)? };
+    write_report(&sweep)?;
+    println!("report: {}", sweep.output_dir.join("summary.md").display());
+    if train::interrupted() {
+        eprintln!("sweep interrupted; run the same command again to continue");
+        return Ok(ExitCode::from(130));
+    }
+    if !failed.is_empty() {
+        bail!("{} of {} runs failed: {}", failed.len(), sweep.runs.len(), failed.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tokenizer_command(inputs: &[PathBuf], kind: TokenizerKind, vocab_size: usize, output: &Path) -> Result<ExitCode> {
+    let texts = inputs
+        .iter()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let texts = texts.iter().map(String::as_str);
+    let tokenizer = match kind {
+        TokenizerKind::Char => TextTokenizer::build_char_level(texts)?,
+        TokenizerKind::Bpe => TextTokenizer::train_byte_bpe(texts, vocab_size)?,
+    };
+    tokenizer.save(output)?;
+    println!("wrote {} ({} tokens)", output.display(), tokenizer.vocab_size());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_command(command: BenchCommand) -> Result<ExitCode> {
+    match command {
+        BenchCommand::Train { config, mut overrides, steps, json, attention } => {
             if let Some(a) = attention {
                 overrides.push(format!("kernels.attention={a}"));
             }
             let config = Config::load(&config, &overrides)?;
-            let report = bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?;
-            print_report(&report, json)
+            print_report(&bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?, json)
         }
-        Command::Bench { command: BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, cross_entropy_n, repeats } } => {
+        BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, cross_entropy_n, repeats } => {
             let options = polyburn::kernel_bench::KernelBenchOptions { attention_t, diversity_g, lcs_l, cross_entropy_n, repeats: repeats.max(1) };
             let table = polyburn::kernel_bench::bench_kernels(&options)?;
             if json {
@@ -397,11 +408,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { command: BenchCommand::Generate { config, overrides, prompts, n, max_new_tokens, json } } => {
+        BenchCommand::Generate { config, overrides, prompts, n, max_new_tokens, json } => {
             let config = Config::load(&config, &overrides)?;
             print_report(&bench::bench_generate(&config, prompts, n, max_new_tokens)?, json)
         }
-        Command::Bench { command: BenchCommand::Polychromic { config, overrides, steps, json } } => {
+        BenchCommand::Polychromic { config, overrides, steps, json } => {
             let mut sets = vec!["objective.type=polychromic_rl".to_string(), "objective.diversity=semantic".to_string()];
             sets.extend(overrides);
             let config = Config::load(&config, &sets)?;
