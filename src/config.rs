@@ -73,6 +73,8 @@ pub struct KernelsConfig {
     pub lcs: polyburn_kernels::lcs::LcsImpl,
     /// The LM head and cross-entropy of the training loss.
     pub cross_entropy: polyburn_kernels::cross_entropy::CrossEntropyImpl,
+    /// The plain MLP's GELU (`model.ffn.unit: gelu`).
+    pub activation: polyburn_kernels::activation::ActivationImpl,
     /// Fused LCS batches with fewer dynamic-programming cells (groups · N² · L²) than this run
     /// on the CPU even on a GPU device; larger ones run the CubeCL kernel.
     pub lcs_gpu_min_cells: u64,
@@ -86,6 +88,7 @@ impl Default for KernelsConfig {
             diversity: Default::default(),
             lcs: Default::default(),
             cross_entropy: Default::default(),
+            activation: Default::default(),
             lcs_gpu_min_cells: polyburn_kernels::lcs::DEFAULT_GPU_MIN_CELLS,
         }
     }

@@ -8,6 +8,7 @@ use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
+use polyburn_kernels::activation::{ActivationImpl, gelu};
 use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_groups, lcs_similarity};
@@ -177,6 +178,23 @@ fn bench_cross_entropy(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<Ke
     }
 }
 
+/// GELU forward + backward over `[N, 1024]` (the bench model's FFN width), exact form.
+fn bench_gelu(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (ad, name) = (d.device.clone().autodiff(), d.name);
+    for &n in &o.cross_entropy_n {
+        ad.seed(n as u64 + 1);
+        let x = Tensor::<2>::random([n, 1024], Distribution::Normal(0.0, 1.0), &ad).into_data();
+        let run = |implementation| {
+            let x: Tensor<2> = upload(&x, &ad).require_grad();
+            let grads = gelu(x.clone(), false, implementation).sum().backward();
+            let _ = x.grad(&grads).expect("gradient").into_data();
+        };
+        let fused = d.time(o.repeats, || run(ActivationImpl::Fused));
+        let reference = d.time(o.repeats, || run(ActivationImpl::Reference));
+        out.push(record("gelu", name, format!("N={n},D=1024"), fused, reference));
+    }
+}
+
 /// LCS lengths of every pair of 64 groups × 8 sequences (alphabet 64).
 fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
     let (device, name) = (&d.device, d.name);
@@ -216,6 +234,7 @@ pub fn bench_kernels(o: &KernelBenchOptions) -> Result<KernelTable> {
     let mut out = Vec::new();
     for d in &devices {
         bench_cross_entropy(d, o, &mut out);
+        bench_gelu(d, o, &mut out);
         bench_diversity(d, o, &mut out);
         bench_lcs(d, o, &mut out);
         bench_attention(d, o, &mut out);

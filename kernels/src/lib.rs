@@ -3,6 +3,7 @@
 //! Burn backend extension (Flex CPU kernels here) and, for differentiable ops, its Autodiff
 //! backward.
 
+pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
 pub mod diversity;

@@ -3,6 +3,7 @@
 //! implementation against the reference, with a tolerance stated per op.
 
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
+use polyburn_kernels::activation::{ActivationImpl, gelu};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity, pooled_cosine_diversity};
@@ -169,6 +170,36 @@ fn linear_cross_entropy_matches_reference_loss_and_gradients() {
             if n >= 2 {
                 assert!(fused_grads[0][d..2 * d].iter().all(|&g| g == 0.0), "{what}: masked row 1 got a gradient");
             }
+        }
+    }
+}
+
+/// GELU, exact and tanh form: values and input gradient, odd sizes, a strided view, and
+/// arguments far into both tails. (In the far negative tail Burn's reference loses its
+/// digits to `1 + tanh u` cancelling, by up to ~7e-6 absolute; hence the atol.)
+#[test]
+fn gelu_matches_reference_forward_and_gradient() {
+    let tol = Tolerance { atol: 1e-5, rtol: 1e-5 };
+    for device in devices() {
+        let ad = device.clone().autodiff();
+        for (case, &(rows, cols)) in [(1, 1), (3, 7), (33, 1000), (129, 257)].iter().enumerate() {
+            ad.seed(5000 + case as u64);
+            let x = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 3.0), &ad);
+            let w = Tensor::<2>::random([cols, rows], Distribution::Normal(0.0, 1.0), &ad);
+            for tanh in [false, true] {
+                // Through a transposed view: the op must read strides.
+                let run = |implementation| forward_and_grads(&[x.clone()], &w, |x| gelu(x[0].clone().transpose(), tanh, implementation));
+                let (fused, fused_grads) = run(ActivationImpl::Fused);
+                let (reference, reference_grads) = run(ActivationImpl::Reference);
+                let what = format!("{device:?} {rows}x{cols} tanh={tanh}");
+                assert_close(&format!("{what}: gelu"), &fused, &reference, tol);
+                assert_close(&format!("{what}: gradient"), &fused_grads[0], &reference_grads[0], tol);
+            }
+        }
+        let tails = Tensor::<1>::from_data(TensorData::new(vec![-30.0f32, -9.0, -0.0, 0.0, 1e-4, 9.0, 30.0], [7]), &ad);
+        for tanh in [false, true] {
+            let (f, r) = (values(gelu(tails.clone(), tanh, ActivationImpl::Fused)), values(gelu(tails.clone(), tanh, ActivationImpl::Reference)));
+            assert_close(&format!("{device:?} tails tanh={tanh}"), &f, &r, tol);
         }
     }
 }

@@ -5,10 +5,11 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
+use polyburn_kernels::activation::{ActivationImpl, gelu};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::cross_entropy::CrossEntropyImpl;
 
-use super::gating::{GateSettings, GatedFfn, ffn_cost, gelu_with};
+use super::gating::{GateSettings, GatedFfn, ffn_cost};
 use super::lora::{LoraAdapter, adapted};
 use crate::config::{LoraConfig, LoraTarget};
 use super::norm::{Norm, NormKind};
@@ -405,13 +406,14 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
-    fn forward(&self, x: Tensor<3>, global_step: u64) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
         match self {
             FeedForward::Mlp(m) => {
-                let h = gelu_with(adapted(m.up.forward(x.clone()), &m.lora_up, &x), m.approximate);
+                let up = adapted(m.up.forward(x.clone()), &m.lora_up, &x);
+                let h = gelu(up, m.approximate == GeluApproximation::Tanh, context.activation);
                 adapted(m.down.forward(h.clone()), &m.lora_down, &h)
             }
-            FeedForward::Gated(g) => g.forward(x, global_step),
+            FeedForward::Gated(g) => g.forward(x, context.global_step),
         }
     }
 
@@ -471,7 +473,7 @@ impl Block {
     ) -> Tensor<3> {
         let attn = self.attn.forward(self.ln_attn.forward(x.clone()), positions, cache, mask, context.attention);
         let x = x + self.dropout.forward(attn);
-        let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone()), context.global_step);
+        let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone()), context);
         x + self.dropout.forward(ffn)
     }
 }
@@ -484,6 +486,8 @@ pub struct ForwardContext {
     pub attention: AttentionImpl,
     /// The LM head + cross-entropy of the training loss.
     pub cross_entropy: CrossEntropyImpl,
+    /// The plain MLP's GELU.
+    pub activation: ActivationImpl,
 }
 
 /// Inference at step 0 ([`ForwardContext::at_step`]).
@@ -498,12 +502,13 @@ impl ForwardContext {
     /// masks need it, and recomputed decoding must match cached decoding token for token) and
     /// the fused cross-entropy.
     pub fn at_step(global_step: u64) -> Self {
-        Self { global_step, attention: AttentionImpl::Reference, cross_entropy: CrossEntropyImpl::Fused }
+        Self { global_step, attention: AttentionImpl::Reference, cross_entropy: CrossEntropyImpl::Fused, activation: ActivationImpl::Fused }
     }
 
     /// What a run's config asks for at `global_step`.
     pub fn for_run(config: &crate::config::Config, global_step: u64) -> Self {
-        Self { global_step, attention: config.kernels.attention, cross_entropy: config.kernels.cross_entropy }
+        let k = &config.kernels;
+        Self { global_step, attention: k.attention, cross_entropy: k.cross_entropy, activation: k.activation }
     }
 }
 
