@@ -239,8 +239,8 @@ pub fn bench_polychromic(config: &Config, timed_steps: usize) -> Result<Polychro
     if !config.objective.kind.samples() {
         anyhow::bail!("objective.type: `bench polychromic` needs a sampling objective (polychromic_rl, polychromic_regularized or grpo)");
     }
-    let dir = tempfile_dir()?;
-    let data = crate::data::prepare(config, &dir)?;
+    let dir = tempfile::tempdir()?;
+    let data = crate::data::prepare(config, dir.path())?;
     let train_device = device_from_name(&config.run.device)?.autodiff();
     let (_, model) = crate::train::trainer::build_model(config, data.tokenizer.vocab_size(), &train_device)?;
     let mut learner = Learner::new(config.clone(), train_device, model, Some(&data.tokenizer))?;
@@ -253,7 +253,7 @@ pub fn bench_polychromic(config: &Config, timed_steps: usize) -> Result<Polychro
             parts.entry(part.to_string()).or_default().push(value);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     let step_ms = median(&timed.ms);
     let steps = timed.ms;
     let parts_ms: std::collections::BTreeMap<String, f64> = parts.into_iter().map(|(k, v)| (k, median(&v))).collect();
@@ -264,11 +264,4 @@ pub fn bench_polychromic(config: &Config, timed_steps: usize) -> Result<Polychro
         generate_share: parts_ms.get("generate").copied().unwrap_or(0.0) / step_ms,
         parts_ms,
     })
-}
-
-/// A scratch directory for the tokenizer `data::prepare` writes.
-fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("polyburn-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }

@@ -177,14 +177,24 @@ pub struct ObjectiveConfig {
     pub n_sets: usize,
     /// λ of `polychromic_regularized`.
     pub lambda: f64,
-    /// The set diversity of `polychromic_rl`: semantic, distinct_2, self_bleu or lcs.
+    /// The set diversity of `polychromic_rl`: semantic, distinct_2, self_bleu, lcs or distinct.
     pub diversity: DiversityMetric,
+    /// How `polychromic_rl` turns set scores into per-reply advantages: `marginal` or `partition`.
+    pub set_advantage: SetAdvantage,
+    /// Sampled sets per reply for marginal advantages of diversities that are not pairwise.
+    pub n_subsets: usize,
     /// Sentence encoder for semantic diversity: hub id (through the HF cache) or folder.
     pub encoder: String,
     /// Divide advantages by their standard deviation (within the group / across sets).
     pub normalize_advantage: bool,
     /// PPO clipping range ε of the ratio to the sampling policy; 0 turns clipping off.
     pub ppo_clip: f64,
+    /// Upper clip range ε_high (DAPO's asymmetric clipping); absent = `ppo_clip`.
+    pub ppo_clip_high: Option<f64>,
+    /// How token terms are averaged: `grpo`, `dr_grpo` or `dapo`.
+    pub loss_type: LossType,
+    /// Replies cut off by `max_new_tokens` without an end token get no policy-gradient loss.
+    pub mask_truncated: bool,
     /// β of the KL penalty to the initial policy (the model when sampling starts); 0 = off.
     pub kl_beta: f64,
     pub sampling: SamplingConfig,
@@ -201,9 +211,14 @@ impl Default for ObjectiveConfig {
             n_sets: 4,
             lambda: 0.1,
             diversity: DiversityMetric::Semantic,
+            set_advantage: SetAdvantage::Marginal,
+            n_subsets: 32,
             encoder: DEFAULT_ENCODER.into(),
             normalize_advantage: true,
             ppo_clip: 0.2,
+            ppo_clip_high: None,
+            loss_type: LossType::Grpo,
+            mask_truncated: false,
             kl_beta: 0.0,
             sampling: SamplingConfig::default(),
             rewards: vec![RewardConfig { kind: RewardKind::Verifier, weight: 1.0, min_chars: None, max_chars: None }],
@@ -459,12 +474,18 @@ impl ModelConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimizerConfig {
-    /// Peak learning rate, reached after `warmup_steps`, then cosine decay to `min_lr`.
+    /// Peak learning rate, reached after the warm-up; `schedule` says what follows.
     pub learning_rate: f64,
     pub betas: [f64; 2],
     pub eps: f64,
     pub weight_decay: f64,
-    pub warmup_steps: usize,
+    /// Linear warm-up steps (100 when neither this nor `warmup_ratio` is set).
+    pub warmup_steps: Option<usize>,
+    /// Warm-up as a share of `training.max_steps`, instead of `warmup_steps`.
+    pub warmup_ratio: Option<f64>,
+    pub schedule: Schedule,
+    /// `wsd`: the share of `training.max_steps` spent in the final decay.
+    pub decay_fraction: f64,
     pub min_lr: f64,
     /// Global gradient-norm clip over all parameters; 0 turns clipping off.
     pub max_grad_norm: f64,
@@ -477,7 +498,10 @@ impl Default for OptimizerConfig {
             betas: [0.9, 0.99],
             eps: 1e-8,
             weight_decay: 0.1,
-            warmup_steps: 100,
+            warmup_steps: None,
+            warmup_ratio: None,
+            schedule: Schedule::Cosine,
+            decay_fraction: 0.1,
             min_lr: 1e-4,
             max_grad_norm: 1.0,
         }
@@ -606,6 +630,13 @@ impl Config {
         check(o.eps > 0.0, "optimizer.eps", "must be > 0");
         check(o.weight_decay >= 0.0, "optimizer.weight_decay", "must be >= 0");
         check(o.min_lr >= 0.0 && (o.learning_rate <= 0.0 || o.min_lr <= o.learning_rate), "optimizer.min_lr", "must be in [0, learning_rate]");
+        check(
+            o.warmup_steps.is_none() || o.warmup_ratio.is_none(),
+            "optimizer.warmup_ratio",
+            "set optimizer.warmup_steps or optimizer.warmup_ratio, not both",
+        );
+        check(o.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)), "optimizer.warmup_ratio", "must be in [0, 1)");
+        check(o.decay_fraction > 0.0 && o.decay_fraction <= 1.0, "optimizer.decay_fraction", "must be in (0, 1]");
         check(o.max_grad_norm >= 0.0, "optimizer.max_grad_norm", "must be >= 0 (0 turns clipping off)");
         check(t.max_steps > 0, "training.max_steps", "must be > 0");
         check(t.batch_size > 0, "training.batch_size", "must be > 0");
@@ -621,6 +652,19 @@ impl Config {
                 "objective.n_sets",
                 "must be >= 2 (a set's advantage is relative to the other sets)",
             );
+            // Every reward kind scores in [0, 1]; a negative weight makes rewards negative,
+            // and f = mean reward × diversity with a negative mean rewards sameness.
+            let negative = ob.rewards.iter().find(|r| r.weight < 0.0);
+            check(
+                ob.kind != ObjectiveType::PolychromicRl || negative.is_none(),
+                "objective.rewards",
+                &format!(
+                    "polychromic_rl needs rewards >= 0 (f = mean reward × diversity would reward sameness), \
+                     but a weight is {}",
+                    negative.map_or(0.0, |r| r.weight)
+                ),
+            );
+            check(ob.n_subsets >= 1, "objective.n_subsets", "must be >= 1");
             check(
                 t.grad_accum_steps == 1,
                 "training.grad_accum_steps",
@@ -633,6 +677,7 @@ impl Config {
         }
         check(ob.lambda >= 0.0 && ob.lambda.is_finite(), "objective.lambda", "must be >= 0");
         check(ob.ppo_clip >= 0.0, "objective.ppo_clip", "must be >= 0 (0 turns clipping off)");
+        check(ob.ppo_clip_high.is_none_or(|h| h >= 0.0), "objective.ppo_clip_high", "must be >= 0");
         check(ob.kl_beta >= 0.0, "objective.kl_beta", "must be >= 0");
         check(!ob.rewards.is_empty(), "objective.rewards", "must list at least one reward");
         for (i, r) in ob.rewards.iter().enumerate() {
@@ -707,8 +752,74 @@ pub enum DiversityMetric {
     SelfBleu,
     /// 1 − mean pairwise LCS length / longer length, over tokens.
     Lcs,
+    /// Distinct replies (trimmed, lower-cased, whitespace collapsed) / N, in [1/N, 1]: a set
+    /// of N copies of one right answer keeps a score of 1/N instead of 0.
+    Distinct,
 }
 
+impl DiversityMetric {
+    /// Whether a set's diversity is the mean of a distance over its pairs (then the exact
+    /// marginal set advantages apply).
+    pub fn is_pairwise(self) -> bool {
+        matches!(self, DiversityMetric::Semantic | DiversityMetric::Lcs)
+    }
+}
+
+
+/// `objective.set_advantage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetAdvantage {
+    /// Mean score of the size-n sets containing the reply, minus the mean over all sets.
+    #[default]
+    Marginal,
+    /// Consecutive disjoint sets of n; every reply gets its set's (centred) score.
+    Partition,
+}
+
+
+/// `objective.loss_type`: how the policy-gradient token terms of a batch are averaged.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// Mean over each reply's tokens, then over replies (GRPO's original form).
+    #[default]
+    Grpo,
+    /// Sum over each reply's tokens divided by a constant (`max_new_tokens` + 1), then the mean
+    /// over replies (Dr. GRPO: no length bias).
+    DrGrpo,
+    /// Mean over every reply token of the batch (DAPO's token-level loss).
+    Dapo,
+}
+
+/// `optimizer.schedule`: the learning rate after the warm-up.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Half cosine from `learning_rate` to `min_lr` at `training.max_steps`.
+    #[default]
+    Cosine,
+    /// Straight line from `learning_rate` to `min_lr` at `training.max_steps`.
+    Linear,
+    /// `learning_rate` from the first step (no warm-up).
+    Constant,
+    /// Warm-up, then `learning_rate`.
+    ConstantWithWarmup,
+    /// Warm-up, stable at `learning_rate`, then a linear decay to `min_lr` over the last
+    /// `decay_fraction` of the steps.
+    Wsd,
+}
+
+impl OptimizerConfig {
+    /// Warm-up steps for a run of `max_steps`.
+    pub fn warmup(&self, max_steps: u64) -> u64 {
+        match (self.warmup_steps, self.warmup_ratio) {
+            (Some(steps), _) => steps as u64,
+            (None, Some(ratio)) => (ratio * max_steps as f64).round() as u64,
+            (None, None) => 100,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -14,11 +14,13 @@ pub use crate::config::DiversityMetric;
 
 /// Mean pairwise cosine distance, `1 − mean_{i≠j} cos(e_i, e_j)`, in [0, 2].
 pub fn semantic_diversity(embeddings: &[Vec<f32>]) -> Result<f64> {
+    Ok(mean_pair_distance(&semantic_distances(embeddings)?, embeddings.len()))
+}
+
+/// The `[n×n]` cosine distances `1 − cos(e_i, e_j)` (diagonal 0).
+pub fn semantic_distances(embeddings: &[Vec<f32>]) -> Result<Vec<f64>> {
     let n = embeddings.len();
-    if n < 2 {
-        return Ok(0.0);
-    }
-    let width = embeddings[0].len();
+    let width = embeddings.first().map_or(0, Vec::len);
     if embeddings.iter().any(|e| e.len() != width) {
         bail!("semantic diversity: embeddings of different widths in one group");
     }
@@ -32,13 +34,32 @@ pub fn semantic_diversity(embeddings: &[Vec<f32>]) -> Result<f64> {
             e.iter().map(|&v| v as f64 / norm).collect()
         })
         .collect();
-    let mut total = 0.0;
+    let mut d = vec![0.0; n * n];
     for i in 0..n {
         for j in i + 1..n {
-            total += unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum::<f64>();
+            let distance = 1.0 - unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum::<f64>();
+            d[i * n + j] = distance;
+            d[j * n + i] = distance;
         }
     }
-    Ok(1.0 - total / (n * (n - 1) / 2) as f64)
+    Ok(d)
+}
+
+/// The mean of an `[n×n]` distance matrix over its `n(n−1)/2` pairs (0 for fewer than 2).
+pub fn mean_pair_distance(distances: &[f64], n: usize) -> f64 {
+    if n < 2 {
+        return 0.0;
+    }
+    let total: f64 = (0..n).flat_map(|i| (i + 1..n).map(move |j| (i, j))).map(|(i, j)| distances[i * n + j]).sum();
+    total / (n * (n - 1) / 2) as f64
+}
+
+/// Distinct replies over all replies, comparing texts trimmed, lower-cased and with runs of
+/// white space collapsed; in [1/N, 1] (0 for no replies).
+pub fn distinct_replies(texts: &[String]) -> f64 {
+    let normalised: std::collections::HashSet<String> =
+        texts.iter().map(|t| t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()).collect();
+    if texts.is_empty() { 0.0 } else { normalised.len() as f64 / texts.len() as f64 }
 }
 
 fn ngrams<T: Hash + Eq + Clone>(tokens: &[T], n: usize) -> impl Iterator<Item = &[T]> {
@@ -124,6 +145,13 @@ pub fn lcs_diversity(replies: &[Vec<u32>], implementation: LcsImpl) -> f64 {
 /// or on `device` when it is a GPU and the batch has at least `gpu_min_cells` DP cells
 /// (`kernels.lcs_gpu_min_cells`).
 pub fn lcs_diversities(groups: &[Vec<Vec<u32>>], implementation: LcsImpl, device: &Device, gpu_min_cells: u64) -> Vec<f64> {
+    let distances = lcs_distances(groups, implementation, device, gpu_min_cells);
+    groups.iter().zip(&distances).map(|(g, d)| mean_pair_distance(d, g.len())).collect()
+}
+
+/// Each group's `[n×n]` LCS distances `1 − LCS(i, j) / longer length` (0 between two empty
+/// replies), all groups in one batch.
+pub fn lcs_distances(groups: &[Vec<Vec<u32>>], implementation: LcsImpl, device: &Device, gpu_min_cells: u64) -> Vec<Vec<f64>> {
     // Each sequence is converted (and, on the CPU, its bit masks built) once per batch.
     let ids: Vec<Vec<Vec<i64>>> = groups.iter().map(|g| g.iter().map(|r| r.iter().map(|&t| t as i64).collect()).collect()).collect();
     let seqs: Vec<Vec<&[i64]>> = ids.iter().map(|g| g.iter().map(Vec::as_slice).collect()).collect();
@@ -131,22 +159,21 @@ pub fn lcs_diversities(groups: &[Vec<Vec<u32>>], implementation: LcsImpl, device
         LcsImpl::Fused => lcs_groups(&seqs, device, gpu_min_cells),
         LcsImpl::Reference => seqs.iter().map(|g| lcs_group_dp(g)).collect(),
     };
-    groups.iter().zip(&matrices).map(|(g, lcs)| diversity_from_lcs(g, lcs)).collect()
-}
-
-fn diversity_from_lcs(replies: &[Vec<u32>], lcs: &[i64]) -> f64 {
-    let n = replies.len();
-    if n < 2 {
-        return 0.0;
-    }
-    let mut total = 0.0;
-    for i in 0..n {
-        for j in i + 1..n {
-            let longer = replies[i].len().max(replies[j].len());
-            total += if longer == 0 { 1.0 } else { lcs[i * n + j] as f64 / longer as f64 };
-        }
-    }
-    1.0 - total / (n * (n - 1) / 2) as f64
+    groups
+        .iter()
+        .zip(&matrices)
+        .map(|(g, lcs)| {
+            let n = g.len();
+            let mut d = vec![0.0; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    let longer = g[i].len().max(g[j].len());
+                    d[i * n + j] = if i == j || longer == 0 { 0.0 } else { 1.0 - lcs[i * n + j] as f64 / longer as f64 };
+                }
+            }
+            d
+        })
+        .collect()
 }
 
 /// A lexical diversity of token sequences (every metric but `semantic`, which needs an encoder).
@@ -156,6 +183,7 @@ pub fn lexical_diversity(metric: DiversityMetric, replies: &[Vec<u32>], lcs: Lcs
         DiversityMetric::SelfBleu => 1.0 - self_bleu(replies),
         DiversityMetric::Lcs => lcs_diversity(replies, lcs),
         DiversityMetric::Semantic => bail!("semantic diversity needs embeddings from a sentence encoder"),
+        DiversityMetric::Distinct => bail!("distinct-reply diversity compares the decoded texts"),
     })
 }
 

@@ -63,9 +63,19 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> f64 {
     1.0 - ((n - c + 1)..=n).map(|i| 1.0 - k as f64 / i as f64).product::<f64>()
 }
 
-/// Distinct correct replies among the first `k`.
-pub fn coverage_at_k(replies: &[String], correct: &[bool], k: usize) -> usize {
-    replies.iter().zip(correct).take(k).filter(|(_, c)| **c).map(|(r, _)| r.trim()).collect::<BTreeSet<_>>().len()
+/// coverage@k: the expected number of distinct correct answers (trimmed replies) among `k` of
+/// the `n` samples drawn without replacement, estimated without bias from all of them:
+/// `Σ_a 1 − C(n − m_a, k) / C(n, k)` over the distinct correct answers `a`, `m_a` being how
+/// often `a` was sampled (each term is pass@k for answer `a`). Until this version coverage@k
+/// counted the distinct correct answers among the first `k` samples, one draw of the same
+/// expectation.
+pub fn coverage_at_k(replies: &[String], correct: &[bool], k: usize) -> f64 {
+    let n = replies.len();
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (r, _) in replies.iter().zip(correct).filter(|(_, c)| **c) {
+        *counts.entry(r.trim()).or_default() += 1;
+    }
+    counts.values().map(|&m| pass_at_k(n, m, k.min(n))).sum()
 }
 
 /// Samples `options.samples` replies for every distinct held-out prompt of `run_dir` and scores them.
@@ -116,7 +126,7 @@ pub fn evaluate_run(run_dir: &Path, options: &EvalOptions) -> Result<EvalReport>
         let c = correct.iter().filter(|&&x| x).count();
         for (i, &k) in options.k.iter().enumerate() {
             pass[i] += pass_at_k(n, c, k);
-            coverage[i] += coverage_at_k(&texts, &correct, k) as f64;
+            coverage[i] += coverage_at_k(&texts, &correct, k);
         }
         distinct += distinct_n(group, 2);
         bleu += self_bleu(group);
@@ -196,11 +206,21 @@ mod tests {
     }
 
     #[test]
-    fn coverage_counts_distinct_correct_replies_among_the_first_k() {
-        let r: Vec<String> = ["bear", "bee", "bear", "cat", "bison"].iter().map(|s| s.to_string()).collect();
-        let ok = [true, true, true, false, true];
-        assert_eq!(coverage_at_k(&r, &ok, 1), 1);
-        assert_eq!(coverage_at_k(&r, &ok, 3), 2);
-        assert_eq!(coverage_at_k(&r, &ok, 5), 3);
+    fn coverage_is_the_mean_over_every_k_subset_of_distinct_correct_answers() {
+        let r: Vec<String> = ["bear", "bee", " bear", "cat", "bison", "bee", "bear"].iter().map(|s| s.to_string()).collect();
+        let ok = [true, true, true, false, true, true, true];
+        let n = r.len();
+        for k in 1..=n {
+            let subsets: Vec<u32> = (0u32..1 << n).filter(|m| m.count_ones() as usize == k).collect();
+            let total: usize = subsets
+                .iter()
+                .map(|m| (0..n).filter(|i| m >> i & 1 == 1 && ok[*i]).map(|i| r[i].trim()).collect::<BTreeSet<_>>().len())
+                .sum();
+            let want = total as f64 / subsets.len() as f64;
+            let got = coverage_at_k(&r, &ok, k);
+            assert!((got - want).abs() < 1e-12, "k={k}: {got} vs {want}");
+        }
+        assert_eq!(coverage_at_k(&r, &ok, n), 3.0, "all samples: bear, bee, bison");
+        assert_eq!(coverage_at_k(&r, &[false; 7], 3), 0.0);
     }
 }

@@ -101,6 +101,10 @@ enum Command {
         /// Only (re)write summary.md, summary.csv and eval_loss.png from the runs so far.
         #[arg(long)]
         report: bool,
+        /// Print one self-contained command line per unfinished run (for a Slurm job array,
+        /// GNU parallel, ...) instead of training.
+        #[arg(long)]
+        list: bool,
     },
     /// Write a run's checkpoint as a Hugging Face model folder (GPT-2 or Llama/Qwen2 shape).
     Export {
@@ -280,6 +284,10 @@ fn main() -> ExitCode {
     let result = install_interrupt_handler().and_then(|_| run(cli));
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<train::trainer::RunLocked>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(train::trainer::RUN_LOCKED_EXIT)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -312,7 +320,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eval_command(&run, polyburn::eval::EvalOptions { k, samples, step, encoder, temperature, seed }, json)
         }
         Command::Export { run, out, step, merge } => export_command(&run, &out, step, merge),
-        Command::Sweep { sweep, jobs, output_dir, overrides, report } => sweep_command(&sweep, jobs, output_dir.as_deref(), &overrides, report),
+        Command::Sweep { sweep, jobs, output_dir, overrides, report, list } => {
+            sweep_command(&sweep, jobs, output_dir.as_deref(), &overrides, SweepAction::from_flags(report, list))
+        }
         Command::Tokenizer { command: TokenizerCommand::Train { inputs, kind, vocab_size, output } } => {
             tokenizer_command(&inputs, kind, vocab_size, &output)
         }
@@ -359,9 +369,36 @@ fn export_command(run: &Path, out: &Path, step: Option<u64>, merge: bool) -> Res
     Ok(ExitCode::SUCCESS)
 }
 
-fn sweep_command(file: &Path, jobs: usize, output_dir: Option<&Path>, overrides: &[String], report_only: bool) -> Result<ExitCode> {
+/// What `polyburn sweep` does.
+#[derive(Clone, Copy, PartialEq)]
+enum SweepAction {
+    Train,
+    ReportOnly,
+    List,
+}
+
+impl SweepAction {
+    fn from_flags(report: bool, list: bool) -> Self {
+        if list {
+            SweepAction::List
+        } else if report {
+            SweepAction::ReportOnly
+        } else {
+            SweepAction::Train
+        }
+    }
+}
+
+fn sweep_command(file: &Path, jobs: usize, output_dir: Option<&Path>, overrides: &[String], action: SweepAction) -> Result<ExitCode> {
     let sweep = Sweep::load(file, overrides, output_dir)?;
-    let failed = if report_only { Vec::new() } else { run_sweep(&sweep, jobs)? };
+    if action == SweepAction::List {
+        let exe = std::env::current_exe().context("locating the polyburn executable")?;
+        for line in polyburn::sweep::pending_commands(&sweep, &exe)? {
+            println!("{line}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let failed = if action == SweepAction::ReportOnly { Vec::new() } else { run_sweep(&sweep, jobs)? };
     write_report(&sweep)?;
     println!("report: {}", sweep.output_dir.join("summary.md").display());
     if train::interrupted() {

@@ -18,6 +18,8 @@ pub enum Stream {
     Split = 5,
     /// Sampling during generation.
     Sampling = 6,
+    /// The random sets of `polychromic_rl`'s sampled marginal advantages.
+    SetSampling = 7,
 }
 
 /// SplitMix64 finaliser: a strong 64-bit mix, good enough to derive independent seeds.

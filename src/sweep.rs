@@ -174,16 +174,51 @@ pub fn run_status(run: &SweepRun) -> Result<RunStatus> {
     })
 }
 
+/// The `polyburn train` arguments that train (or resume) `run` on its own.
+fn train_args(sweep: &Sweep, run: &SweepRun) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["train".into(), "--config".into(), sweep.base.clone().into(), "--resume".into(), "--quiet".into()];
+    for o in &run.overrides {
+        args.push("--set".into());
+        args.push(o.into());
+    }
+    args
+}
+
 fn spawn(exe: &Path, sweep: &Sweep, run: &SweepRun) -> Result<Child> {
     std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
-    let log = std::fs::File::create(run.dir.join("train.log"))?;
+    // Appended, not truncated: a second sweep on the same directory must not wipe the log of
+    // a run another process is training.
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(run.dir.join("train.log"))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("train").arg("--config").arg(&sweep.base).arg("--resume").arg("--quiet");
-    for o in &run.overrides {
-        cmd.arg("--set").arg(o);
-    }
+    cmd.args(train_args(sweep, run));
     cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
     cmd.spawn().with_context(|| format!("starting run {}", run.name))
+}
+
+/// `'…'`-quoted for a POSIX shell.
+fn shell_quote(arg: &str) -> String {
+    if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        return arg.to_string();
+    }
+    format!("'{}'", arg.replace('\'', "'\\''"))
+}
+
+/// One self-contained shell command per unfinished run (`sweep --list`): each trains or
+/// resumes its run with absolute paths, so a scheduler can start them anywhere that sees the
+/// same files. Runs that two schedulers start twice are safe: the second waits for nothing and
+/// exits with status 75 while the first holds the run's lock.
+pub fn pending_commands(sweep: &Sweep, exe: &Path) -> Result<Vec<String>> {
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    let mut lines = Vec::new();
+    for run in &sweep.runs {
+        if run_status(run)? == RunStatus::Finished {
+            continue;
+        }
+        let mut words = vec![shell_quote(&exe.to_string_lossy())];
+        words.extend(train_args(sweep, run).iter().map(|a| shell_quote(&a.to_string_lossy())));
+        lines.push(format!("cd {} && {}", shell_quote(&cwd.to_string_lossy()), words.join(" ")));
+    }
+    Ok(lines)
 }
 
 /// Runs every unfinished combination, `jobs` at a time, each as its own `polyburn train`
@@ -208,6 +243,11 @@ pub fn run_sweep(sweep: &Sweep, jobs: usize) -> Result<Vec<String>> {
     loop {
         while running.len() < jobs.max(1) && !crate::train::interrupted() {
             let Some(i) = next.next() else { break };
+            // Another process sharing the directory may have finished it meanwhile.
+            if run_status(&sweep.runs[i])? == RunStatus::Finished {
+                eprintln!("[{}/{total}] {}: finished elsewhere, skipped", i + 1, sweep.runs[i].name);
+                continue;
+            }
             eprintln!("[{}/{total}] {}: started", i + 1, sweep.runs[i].name);
             running.push((i, spawn(&exe, sweep, &sweep.runs[i])?));
         }
@@ -223,6 +263,8 @@ pub fn run_sweep(sweep: &Sweep, jobs: usize) -> Result<Vec<String>> {
                     let run = &sweep.runs[i];
                     if status.success() {
                         eprintln!("[{}/{total}] {}: done", i + 1, run.name);
+                    } else if status.code() == Some(crate::train::trainer::RUN_LOCKED_EXIT as i32) {
+                        eprintln!("[{}/{total}] {}: being trained by another process, skipped", i + 1, run.name);
                     } else {
                         eprintln!("[{}/{total}] {}: FAILED ({status}); see {}", i + 1, run.name, run.dir.join("train.log").display());
                         failed.push(run.name.clone());

@@ -70,3 +70,85 @@ fn bad_grid_values_fail_before_training() {
     assert!(r.stderr().contains("model.ffn.alpha_mode"), "{}", r.stderr());
     assert!(!out.exists());
 }
+
+/// A 3-run grid of `steps` steps each in `tmp`; returns (sweep file, output dir, run names).
+fn small_grid(tmp: &std::path::Path, steps: u64) -> (std::path::PathBuf, std::path::PathBuf, [&'static str; 3]) {
+    let base = write_config(tmp, "base.yaml", &tiny_text_config(&tmp.join("unused")));
+    let sweep_file = write_config(
+        tmp,
+        "grid.yaml",
+        &format!(
+            "base: {}\nset:\n  training.max_steps: {steps}\n  training.eval_every: 0\n  checkpoint.every_steps: 2\n\
+             grid:\n  optimizer.learning_rate: [1.0e-3, 2.0e-3, 3.0e-3]\n",
+            base.display()
+        ),
+    );
+    (sweep_file, tmp.join("out"), ["lr0.001", "lr0.002", "lr0.003"])
+}
+
+/// Logged training steps of a run, in file order.
+fn logged_steps(run_dir: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn two_sweeps_started_together_train_every_run_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sweep_file, out, names) = small_grid(tmp.path(), 6);
+    let start = || {
+        polyburn()
+            .args(["sweep", sweep_file.to_str().unwrap(), "--output-dir", out.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    for child in [a, b] {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    for name in names {
+        let dir = out.join(name);
+        assert_eq!(checkpoint_steps(&dir).last(), Some(&6), "{name} finished");
+        assert_eq!(logged_steps(&dir), (1..=6).collect::<Vec<u64>>(), "{name}: every step trained and logged once");
+    }
+}
+
+#[test]
+fn a_locked_run_refuses_a_second_trainer_with_status_75() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let held = polyburn::train::trainer::lock_run(&run_dir).unwrap();
+    let config = write_config(tmp.path(), "c.yaml", &tiny_text_config(&run_dir));
+    let r = run(&["train", "--config", config.to_str().unwrap(), "--quiet"]).fails();
+    assert_eq!(r.output.status.code(), Some(75));
+    assert!(r.stderr().contains("another polyburn process is training this run"), "{}", r.stderr());
+    drop(held);
+    run(&["train", "--config", config.to_str().unwrap(), "--quiet"]).ok();
+}
+
+#[test]
+fn sweep_list_prints_one_command_per_unfinished_run_and_each_trains_its_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sweep_file, out, names) = small_grid(tmp.path(), 2);
+    let list = || {
+        let r = run(&["sweep", sweep_file.to_str().unwrap(), "--output-dir", out.to_str().unwrap(), "--list"]).ok();
+        r.stdout().lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    let lines = list();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines.iter().all(|l| l.contains(" train --config ") && l.contains(" --resume ")), "{lines:?}");
+    assert!(!out.join(names[0]).join("checkpoints").exists(), "--list trains nothing");
+    let status = std::process::Command::new("sh").arg("-c").arg(&lines[0]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(checkpoint_steps(&out.join(names[0])).last(), Some(&2));
+    assert_eq!(list().len(), 2, "the finished run is no longer listed");
+}

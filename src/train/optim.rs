@@ -5,22 +5,31 @@ use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
-use crate::config::OptimizerConfig;
+use crate::config::{OptimizerConfig, Schedule};
 
-/// Learning rate for optimizer step `step` (0-based): linear warmup to the peak over
-/// `warmup_steps`, then half-cosine decay to `min_lr` at `max_steps`. A pure function of the
-/// step, so the schedule needs no saved state beyond the global step.
+/// Learning rate for optimizer step `step` (0-based): a linear warm-up to the peak (but for
+/// `constant`), then `o.schedule`. A pure function of the step, so the schedule needs no saved
+/// state beyond the global step.
 pub fn learning_rate(o: &OptimizerConfig, step: u64, max_steps: u64) -> f64 {
-    let warmup = o.warmup_steps as u64;
+    let (peak, floor) = (o.learning_rate, o.min_lr);
+    if o.schedule == Schedule::Constant {
+        return peak;
+    }
+    let warmup = o.warmup(max_steps);
     if step < warmup {
-        return o.learning_rate * (step + 1) as f64 / (warmup + 1) as f64;
+        return peak * (step + 1) as f64 / (warmup + 1) as f64;
     }
-    if step >= max_steps {
-        return o.min_lr;
+    // Share of the decay phase done at `step`, from `start`.
+    let progress = |start: u64| (step.saturating_sub(start) as f64 / max_steps.saturating_sub(start).max(1) as f64).min(1.0);
+    match o.schedule {
+        Schedule::Cosine => floor + 0.5 * (1.0 + (std::f64::consts::PI * progress(warmup)).cos()) * (peak - floor),
+        Schedule::Linear => floor + (1.0 - progress(warmup)) * (peak - floor),
+        Schedule::Constant | Schedule::ConstantWithWarmup => peak,
+        Schedule::Wsd => {
+            let decay_start = max_steps.saturating_sub((o.decay_fraction * max_steps as f64).round() as u64).max(warmup);
+            if step < decay_start { peak } else { floor + (1.0 - progress(decay_start)) * (peak - floor) }
+        }
     }
-    let progress = (step - warmup) as f64 / (max_steps - warmup).max(1) as f64;
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-    o.min_lr + cosine * (o.learning_rate - o.min_lr)
 }
 
 /// Ids of the parameters of rank ≥ 2 (weight matrices, embeddings): only these decay, as in
@@ -167,7 +176,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> OptimizerConfig {
-        OptimizerConfig { learning_rate: 1e-3, min_lr: 1e-4, warmup_steps: 10, ..Default::default() }
+        OptimizerConfig { learning_rate: 1e-3, min_lr: 1e-4, warmup_steps: Some(10), ..Default::default() }
     }
 
     #[test]
@@ -181,5 +190,28 @@ mod tests {
         for s in 10..110 {
             assert!(learning_rate(&o, s + 1, 110) <= learning_rate(&o, s, 110));
         }
+    }
+
+    #[test]
+    fn every_schedule_has_its_shape() {
+        let with = |schedule| OptimizerConfig { schedule, ..cfg() };
+        let lr = |schedule, step| learning_rate(&with(schedule), step, 110);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        // linear: halfway through the decay is halfway between peak and floor.
+        assert!(close(lr(Schedule::Linear, 60), 5.5e-4) && close(lr(Schedule::Linear, 110), 1e-4));
+        // constant: the peak from step 0; constant_with_warmup: after the warm-up.
+        assert!(close(lr(Schedule::Constant, 0), 1e-3) && close(lr(Schedule::Constant, 109), 1e-3));
+        assert!(lr(Schedule::ConstantWithWarmup, 0) < 1e-3 && close(lr(Schedule::ConstantWithWarmup, 109), 1e-3));
+        // wsd with the default 10 % decay over 120 steps: stable until step 108, then linear
+        // to the floor at 120.
+        let wsd = |step| learning_rate(&with(Schedule::Wsd), step, 120);
+        assert!(close(wsd(50), 1e-3) && close(wsd(108), 1e-3) && wsd(109) < 1e-3);
+        assert!(close(wsd(114), 5.5e-4) && close(wsd(120), 1e-4));
+        assert!(wsd(0) < wsd(5));
+        // warmup_ratio: 10 % of 110 steps = 11 warm-up steps.
+        let ratio = OptimizerConfig { warmup_steps: None, warmup_ratio: Some(0.1), ..cfg() };
+        assert_eq!(ratio.warmup(110), 11);
+        assert!(learning_rate(&ratio, 10, 110) < 1e-3 && close(learning_rate(&ratio, 11, 110), 1e-3));
+        assert_eq!(OptimizerConfig::default().warmup(5000), 100);
     }
 }

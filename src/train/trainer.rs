@@ -201,11 +201,50 @@ impl Learner {
 }
 
 struct Loop {
+    /// Held for the whole run (see [`lock_run`]).
+    _lock: std::fs::File,
     learner: Learner,
     run_dir: PathBuf,
     data: PreparedData,
     state: TrainerState,
     logger: Option<RunLogger>,
+}
+
+/// File in a run directory that the process training it holds an exclusive lock on.
+pub const LOCK_FILE: &str = "train.lock";
+
+/// Exit status of `polyburn train` when another process holds the run's lock (EX_TEMPFAIL):
+/// sweeps sharing a directory treat it as "taken elsewhere", not as a failure.
+pub const RUN_LOCKED_EXIT: u8 = 75;
+
+/// Why a run could not start: another process is training it.
+#[derive(Debug)]
+pub struct RunLocked(pub PathBuf);
+
+impl std::fmt::Display for RunLocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: another polyburn process is training this run (it holds {}); wait for it to finish, or choose another run.output_dir",
+            self.0.display(),
+            self.0.join(LOCK_FILE).display()
+        )
+    }
+}
+
+impl std::error::Error for RunLocked {}
+
+/// Takes the run directory's exclusive lock, so two processes never train one run into the
+/// same files (two sweeps sharing a directory, say). The operating system releases it when
+/// the process ends, however it ends, so a crashed run can be resumed at once.
+pub fn lock_run(run_dir: &Path) -> Result<std::fs::File> {
+    let path = run_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RunLocked(run_dir.to_path_buf()).into()),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::new(e).context(format!("locking {}", path.display()))),
+    }
 }
 
 /// Trains (or resumes) the run described by `config` in `config.output_dir()`.
@@ -222,6 +261,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     }
     let device = device_from_name(&config.run.device)?.autodiff();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let lock = lock_run(&run_dir)?;
     let data = data::prepare(&config, &run_dir)?;
     if config.objective.kind.samples() && data.train.examples().is_empty() {
         bail!(
@@ -273,7 +313,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
             tools.reference = Some(crate::weights::load_weights(fresh, &ckpt.dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?);
         }
     }
-    let mut run = Loop { learner, run_dir, data, state, logger };
+    let mut run = Loop { _lock: lock, learner, run_dir, data, state, logger };
     run.announce(latest.as_ref().map(|c| c.step), &gpt);
     run.run(options.stop_at_step)
 }

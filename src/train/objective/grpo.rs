@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::sampling::{group_advantages, policy_gradient_step, sample, score};
+use super::sampling::{group_advantages, policy_gradient_step, reward_spread_metrics, sample, score};
 use super::{Loss, Objective, StepInput};
 
 pub struct Grpo;
@@ -20,6 +20,7 @@ impl Objective for Grpo {
         let diversities = tools.diversities(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, &mut sampled.stats)?;
         let advantages: Vec<f64> = scored.rewards.iter().flat_map(|r| group_advantages(r, ob.normalize_advantage)).collect();
         sampled.stats.add("train/reward_mean", scored.mean_reward());
+        reward_spread_metrics(&scored, &mut sampled.stats);
         sampled.stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len() as f64);
         policy_gradient_step(&mut input, sampled, &advantages)
     }

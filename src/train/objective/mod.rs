@@ -10,6 +10,7 @@
 pub mod grpo;
 pub mod polychromic;
 pub mod sampling;
+pub mod set_advantage;
 pub mod sft;
 
 use anyhow::Result;

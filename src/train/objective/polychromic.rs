@@ -12,7 +12,10 @@ use anyhow::Result;
 use burn::tensor::Tensor;
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 
-use super::sampling::{ReplyBatch, group_advantages, policy_gradient_step, reply_embeddings, sample, scalar, score};
+use super::sampling::{ReplyBatch, group_advantages, policy_gradient_step, reply_embeddings, reward_spread_metrics, sample, scalar, score};
+use super::set_advantage::{SetAdvantage, marginal_means_pairwise, marginal_means_sampled, sample_sets_containing_each};
+use crate::diversity::mean_pair_distance;
+use crate::rng::{SplitMix64, Stream, derive_seed};
 use super::sft::{BatchTensors, sft_loss};
 use super::{Loss, Objective, StepInput};
 use crate::model::{ForwardContext, Gpt};
@@ -25,20 +28,47 @@ impl Objective for PolychromicRl {
         let ob = &config.objective;
         let (sets, set_size) = (ob.n_sets, ob.n_samples);
         let mut sampled = sample(&mut input, sets * set_size)?;
+        let step = input.step;
         let tools = input.tools()?;
         let scored = score(tools, &sampled)?;
-        let (reply_sets, text_sets) = (sets_of(&sampled.replies, set_size), sets_of(&scored.texts, set_size));
-        let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, &mut sampled.stats)?;
-        let scores = set_scores(&sets_of(&scored.rewards, set_size), &diversities);
-        let mut advantages = Vec::with_capacity(sampled.batch.reply_tokens.len());
-        for prompt_sets in scores.chunks(sets) {
-            for a in group_advantages(prompt_sets, ob.normalize_advantage) {
-                advantages.extend(std::iter::repeat_n(a, set_size));
+        let k = sets * set_size;
+        let stats = &mut sampled.stats;
+        // Per prompt: each reply's set score (its set's under `partition`, its marginal under
+        // `marginal`), and the diversity of the sets that were scored.
+        let (reply_scores, diversities): (Vec<Vec<f64>>, Vec<f64>) = match ob.set_advantage {
+            SetAdvantage::Partition => {
+                let (reply_sets, text_sets) = (sets_of(&sampled.replies, set_size), sets_of(&scored.texts, set_size));
+                let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, stats)?;
+                let scores = set_scores(&sets_of(&scored.rewards, set_size), &diversities);
+                let per_reply = scores.chunks(sets).map(|s| s.iter().flat_map(|&f| std::iter::repeat_n(f, set_size)).collect()).collect();
+                (per_reply, diversities)
             }
-        }
-        sampled.stats.add("train/set_score", scores.iter().sum::<f64>() / scores.len() as f64);
-        sampled.stats.add("train/reward_mean", scored.mean_reward());
-        sampled.stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len() as f64);
+            SetAdvantage::Marginal if ob.diversity.is_pairwise() => {
+                let matrices = tools.distance_matrices(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, stats)?;
+                let per_reply = scored.rewards.iter().zip(&matrices).map(|(r, d)| marginal_means_pairwise(r, d, set_size)).collect();
+                (per_reply, matrices.iter().map(|d| mean_pair_distance(d, k)).collect())
+            }
+            SetAdvantage::Marginal => {
+                let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::SetSampling, step));
+                let drawn = sample_sets_containing_each(k, set_size, ob.n_subsets, &mut rng);
+                let pick = |group: &[Vec<u32>]| drawn.iter().map(|s| s.iter().map(|&i| group[i].clone()).collect()).collect::<Vec<Vec<_>>>();
+                let reply_sets: Vec<Vec<Vec<u32>>> = sampled.replies.iter().flat_map(|g| pick(g)).collect();
+                let text_sets: Vec<Vec<String>> =
+                    scored.texts.iter().flat_map(|g| drawn.iter().map(|s| s.iter().map(|&i| g[i].clone()).collect::<Vec<_>>()).collect::<Vec<_>>()).collect();
+                let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, stats)?;
+                let reward_sets: Vec<Vec<f64>> =
+                    scored.rewards.iter().flat_map(|r| drawn.iter().map(|s| s.iter().map(|&i| r[i]).collect::<Vec<_>>()).collect::<Vec<_>>()).collect();
+                let scores = set_scores(&reward_sets, &diversities);
+                let per_reply = scores.chunks(drawn.len()).map(|s| marginal_means_sampled(s, k, ob.n_subsets)).collect();
+                (per_reply, diversities)
+            }
+        };
+        let advantages = advantages_by_row(&reply_scores, ob.normalize_advantage);
+        let mean_score = reply_scores.iter().flatten().sum::<f64>() / (reply_scores.len() * k).max(1) as f64;
+        stats.add("train/set_score", mean_score);
+        stats.add("train/reward_mean", scored.mean_reward());
+        reward_spread_metrics(&scored, stats);
+        stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len().max(1) as f64);
         policy_gradient_step(&mut input, sampled, &advantages)
     }
 }
@@ -71,6 +101,13 @@ pub fn policy_diversity(model: &Gpt, batch: &ReplyBatch, n: usize, context: &For
     let e = reply_embeddings(model, batch, context);
     let [rows, width] = e.dims();
     pairwise_cosine_diversity(e.reshape([rows / n, n, width]), implementation).mean()
+}
+
+/// The training batch's advantage per row: rows are the prompts' replies, prompt by prompt
+/// in sampling order, and each prompt's reply scores are centred (their mean is the prompt's
+/// mean set score in both modes) and, with `normalize`, divided by their spread.
+pub fn advantages_by_row(reply_scores: &[Vec<f64>], normalize: bool) -> Vec<f64> {
+    reply_scores.iter().flat_map(|scores| group_advantages(scores, normalize)).collect()
 }
 
 /// Polychromic set scores `f = mean reward × diversity` for each set.
@@ -190,6 +227,25 @@ mod tests {
         let numeric = (up - down) / (2.0 * eps);
         assert!(up > d0 && d0 > down, "D_θ must rise along ∇D_θ: {down} {d0} {up}");
         assert!((numeric - norm2).abs() <= 0.05 * norm2, "directional derivative: numeric {numeric} vs ‖∇D‖² {norm2}");
+    }
+
+    /// Two prompts × 4 replies in sets of 2, every pair equally distant: under `marginal`
+    /// exactly the right reply's row (prompt 0 reply 2, prompt 1 reply 0: rows 2 and 4) gets a
+    /// positive advantage; under `partition` its set-mate's row gets the same one.
+    #[test]
+    fn rows_of_the_batch_receive_their_own_reply_advantage() {
+        use crate::train::objective::set_advantage::{marginal_means_pairwise, partition_advantages};
+        let rewards = [vec![0.0, 0.0, 1.0, 0.0], vec![1.0, 0.0, 0.0, 0.0]];
+        let d: Vec<f64> = (0..16).map(|i| if i / 4 == i % 4 { 0.0 } else { 1.0 }).collect();
+        let marginal: Vec<Vec<f64>> = rewards.iter().map(|r| marginal_means_pairwise(r, &d, 2)).collect();
+        let rows = advantages_by_row(&marginal, true);
+        let positive: Vec<usize> = (0..8).filter(|&i| rows[i] > 0.0).collect();
+        assert_eq!(positive, vec![2, 4], "{rows:?}");
+        let partition: Vec<Vec<f64>> = rewards.iter().map(|r| set_scores(&[r[..2].to_vec(), r[2..].to_vec()], &[1.0, 1.0])).collect();
+        let per_reply: Vec<Vec<f64>> = partition.iter().map(|s| s.iter().flat_map(|&f| [f, f]).collect()).collect();
+        let rows = advantages_by_row(&per_reply, false);
+        assert_eq!(rows, vec![-0.25, -0.25, 0.25, 0.25, 0.25, 0.25, -0.25, -0.25]);
+        assert_eq!(partition_advantages(&partition[0], 2), rows[..4].to_vec());
     }
 
     #[test]

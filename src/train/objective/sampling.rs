@@ -12,9 +12,11 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::sft::BatchTensors;
 use super::{Loss, StepInput};
-use crate::config::{Config, KernelsConfig, ObjectiveType};
+use crate::config::{Config, KernelsConfig, LossType, ObjectiveType};
 use crate::data::{Batch, Example, TextTokenizer, fit_to_context};
-use crate::diversity::{DiversityMetric, lcs_diversities, lexical_diversity, semantic_diversity};
+use crate::diversity::{
+    DiversityMetric, distinct_replies, lcs_diversities, lcs_distances, lexical_diversity, semantic_diversity, semantic_distances,
+};
 use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
 use crate::model::encoder::{SentenceEncoder, mean_pool_normalized};
 use crate::model::{ForwardContext, Gpt};
@@ -60,9 +62,14 @@ impl ReplyBatch {
     }
 }
 
-/// Log-probability of every target token, `[rows, len]`.
-pub fn token_logprobs(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext) -> Tensor<2> {
-    let logits = model.forward(batch.tensors.inputs.clone(), context);
+/// Log-probability of every target token, `[rows, len]`, under the distribution replies are
+/// sampled from: logits divided by the sampling `temperature` (1 = the model's own; 0, greedy,
+/// is treated as 1).
+pub fn token_logprobs(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext, temperature: f64) -> Tensor<2> {
+    let mut logits = model.forward(batch.tensors.inputs.clone(), context);
+    if temperature > 0.0 && temperature != 1.0 {
+        logits = logits.div_scalar(temperature);
+    }
     let [rows, len, _] = logits.dims();
     log_softmax(logits, 2).gather(2, batch.tensors.targets.clone().reshape([rows, len, 1])).reshape([rows, len])
 }
@@ -73,37 +80,90 @@ pub fn reply_embeddings(model: &Gpt, batch: &ReplyBatch, context: &ForwardContex
     mean_pool_normalized(model.hidden(batch.tensors.inputs.clone(), context), batch.tensors.loss_mask.clone())
 }
 
-/// The clipped policy-gradient surrogate with an optional k3 KL penalty, averaged over each
-/// reply's tokens, then over replies. `old_logp` is the sampling policy's, `reference_logp`
-/// the initial policy's. Returns `(loss, surrogate term, mean KL)`.
+/// How the policy-gradient term is built (from `objective`).
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyGradientOptions {
+    /// Ratio clip range below and above 1 (0 below: no clipping).
+    pub clip_low: f64,
+    pub clip_high: f64,
+    pub kl_beta: f64,
+    pub loss_type: LossType,
+    /// The `dr_grpo` constant: the longest possible reply (+ its end token).
+    pub max_reply_tokens: usize,
+}
+
+impl PolicyGradientOptions {
+    pub fn from_config(ob: &crate::config::ObjectiveConfig) -> Self {
+        Self {
+            clip_low: ob.ppo_clip,
+            clip_high: ob.ppo_clip_high.unwrap_or(ob.ppo_clip),
+            kl_beta: ob.kl_beta,
+            loss_type: ob.loss_type,
+            max_reply_tokens: ob.sampling.max_new_tokens + 1,
+        }
+    }
+}
+
+/// The policy-gradient terms of a batch and what they measured.
+pub struct PolicyGradientLoss {
+    pub loss: Tensor<1>,
+    /// The surrogate term alone (the loss without the KL penalty).
+    pub quality: Tensor<1>,
+    pub kl: Option<Tensor<1>>,
+    /// Share of counted tokens whose ratio was clipped.
+    pub clip_fraction: f64,
+}
+
+/// The clipped policy-gradient surrogate with an optional k3 KL penalty, averaged as
+/// `options.loss_type` says over the reply tokens of the rows `kept` (all rows, or those not
+/// cut off by `max_new_tokens` with `objective.mask_truncated`). `old_logp` is the sampling
+/// policy's, `reference_logp` the initial policy's. Padded positions are masked before `exp`,
+/// so whatever their log-probabilities are cannot overflow.
 pub fn policy_gradient_loss(
     logp: Tensor<2>,
     old_logp: Tensor<2>,
     reference_logp: Option<Tensor<2>>,
     batch: &ReplyBatch,
     advantages: &[f64],
-    ppo_clip: f64,
-    kl_beta: f64,
-) -> (Tensor<1>, Tensor<1>, Option<Tensor<1>>) {
+    kept: &[bool],
+    options: PolicyGradientOptions,
+) -> PolicyGradientLoss {
     let device = logp.device();
     let rows = advantages.len();
     let a: Vec<f32> = advantages.iter().map(|&a| a as f32).collect();
     let a = Tensor::<2>::from_data(TensorData::new(a, [rows, 1]), &device);
-    let ratio = (logp.clone() - old_logp).exp();
+    let keep: Vec<f32> = kept.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+    let keep = Tensor::<2>::from_data(TensorData::new(keep, [rows, 1]), &device);
+    let mask = batch.tensors.loss_mask.clone() * keep.clone();
+    let ratio = ((logp.clone() - old_logp) * mask.clone()).exp();
     let mut surrogate = ratio.clone() * a.clone();
-    if ppo_clip > 0.0 {
-        surrogate = surrogate.min_pair(ratio.clamp(1.0 - ppo_clip, 1.0 + ppo_clip) * a);
+    let mut clip_fraction = 0.0;
+    if options.clip_low > 0.0 || options.clip_high > 0.0 {
+        let clipped = ratio.clone().clamp(1.0 - options.clip_low, 1.0 + options.clip_high);
+        let counted = mask.clone().sum().into_scalar::<f32>().max(1.0) as f64;
+        let changed = clipped.clone().not_equal(ratio.clone()).float() * mask.clone();
+        clip_fraction = changed.sum().into_scalar::<f32>() as f64 / counted;
+        surrogate = surrogate.min_pair(clipped * a);
     }
+    let kept_rows = kept.iter().filter(|&&k| k).count().max(1) as f64;
     let lengths = batch.lengths(&device);
-    let per_reply = |t: Tensor<2>| (t * batch.tensors.loss_mask.clone()).sum_dim(1) / lengths.clone();
-    let quality = per_reply(surrogate).mean().neg();
-    match reference_logp {
-        Some(reference) if kl_beta > 0.0 => {
-            let d = reference - logp;
-            let kl = per_reply(d.clone().exp() - d - 1.0).mean();
-            (quality.clone() + kl.clone() * kl_beta, quality, Some(kl))
+    // Token terms `[rows, len]` → one number, as `loss_type` averages them.
+    let average = |t: Tensor<2>| -> Tensor<1> {
+        let t = t * mask.clone();
+        match options.loss_type {
+            LossType::Grpo => (t.sum_dim(1) / lengths.clone()).sum().div_scalar(kept_rows),
+            LossType::DrGrpo => t.sum().div_scalar(options.max_reply_tokens as f64 * kept_rows),
+            LossType::Dapo => t.sum() / mask.clone().sum().clamp_min(1.0),
         }
-        _ => (quality.clone(), quality, None),
+    };
+    let quality = average(surrogate).neg();
+    match reference_logp {
+        Some(reference) if options.kl_beta > 0.0 => {
+            let d = (reference - logp) * mask.clone();
+            let kl = average(d.clone().exp() - d - 1.0);
+            PolicyGradientLoss { loss: quality.clone() + kl.clone() * options.kl_beta, quality, kl: Some(kl), clip_fraction }
+        }
+        _ => PolicyGradientLoss { loss: quality.clone(), quality, kl: None, clip_fraction },
     }
 }
 
@@ -184,7 +244,34 @@ impl PolicyTools {
             // All groups in one batch, so a large one can go to the GPU in a single launch.
             return Ok(stats.time("perf/diversity_ms", || lcs_diversities(groups, kernels.lcs, device, kernels.lcs_gpu_min_cells)));
         }
+        if metric == DiversityMetric::Distinct {
+            return Ok(stats.time("perf/diversity_ms", || texts.iter().map(|g| distinct_replies(g)).collect()));
+        }
         stats.time("perf/diversity_ms", || groups.iter().map(|g| lexical_diversity(metric, g, kernels.lcs)).collect())
+    }
+
+    /// Each group's `[n×n]` pairwise distances of a pairwise `metric` (semantic, lcs), whose
+    /// mean over a set's pairs is the set's diversity.
+    pub fn distance_matrices(
+        &self,
+        metric: DiversityMetric,
+        kernels: &KernelsConfig,
+        device: &Device,
+        groups: &[Vec<Vec<u32>>],
+        texts: &[Vec<String>],
+        stats: &mut SamplingStats,
+    ) -> Result<Vec<Vec<f64>>> {
+        match metric {
+            DiversityMetric::Semantic => {
+                let encoder = self.encoder.as_ref().context("semantic diversity needs objective.encoder")?;
+                let flat: Vec<&str> = texts.iter().flatten().map(String::as_str).collect();
+                let embeddings = stats.time("perf/encode_ms", || encoder.embed(&flat))?;
+                let per_group = texts.first().map_or(1, Vec::len);
+                stats.time("perf/diversity_ms", || embeddings.chunks(per_group).map(semantic_distances).collect())
+            }
+            DiversityMetric::Lcs => Ok(stats.time("perf/diversity_ms", || lcs_distances(groups, kernels.lcs, device, kernels.lcs_gpu_min_cells))),
+            other => bail!("objective.diversity: `{other:?}` is not a mean over pairs"),
+        }
     }
 }
 
@@ -289,7 +376,8 @@ pub fn policy_gradient_step(input: &mut StepInput, sampled: Sampled, advantages:
     let mut stats = sampled.stats.clone();
     let context = ForwardContext::for_run(config, input.step);
     let started = Instant::now();
-    let logp = token_logprobs(model, &sampled.batch, &context);
+    let temperature = ob.sampling.temperature;
+    let logp = token_logprobs(model, &sampled.batch, &context, temperature);
     let reference = input.tools()?.reference.as_ref().filter(|_| ob.kl_beta > 0.0);
     let with_dropout = config.model.dropout > 0.0;
     // The same sequences on the inference device, built once for both extra passes.
@@ -298,17 +386,37 @@ pub fn policy_gradient_step(input: &mut StepInput, sampled: Sampled, advantages:
         .then(|| ReplyBatch::new(&rows, sampled.eos, model.context_length(), &device.clone().inner()));
     let host_logprobs = |m: &Gpt| {
         let inner = inner_batch.as_ref().expect("built when an extra pass is needed");
-        Tensor::<2>::from_data(token_logprobs(m, inner, &context).into_data(), device)
+        Tensor::<2>::from_data(token_logprobs(m, inner, &context, temperature).into_data(), device)
     };
     let old_logp = if with_dropout { host_logprobs(&sampled.inference) } else { logp.clone().detach() };
     let reference_logp = reference.map(host_logprobs);
-    let (loss, quality, kl) = policy_gradient_loss(logp, old_logp, reference_logp, &sampled.batch, advantages, ob.ppo_clip, ob.kl_beta);
+    let truncated: Vec<bool> = rows.iter().map(|(_, reply, stopped)| !stopped && !reply.is_empty()).collect();
+    let kept: Vec<bool> = truncated.iter().map(|&t| !(t && ob.mask_truncated)).collect();
+    let pg = policy_gradient_loss(logp, old_logp, reference_logp, &sampled.batch, advantages, &kept, PolicyGradientOptions::from_config(ob));
     stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
-    stats.add("train/quality_loss", scalar(&quality));
-    if let Some(kl) = kl {
-        stats.add("train/kl", scalar(&kl));
+    stats.add("train/quality_loss", scalar(&pg.quality));
+    if let Some(kl) = &pg.kl {
+        stats.add("train/kl", scalar(kl));
     }
+    stats.add("train/clip_fraction", pg.clip_fraction);
+    let lengths: Vec<f64> = rows.iter().map(|(_, reply, _)| reply.len() as f64).collect();
+    stats.add("train/reply_length_mean", lengths.iter().sum::<f64>() / lengths.len().max(1) as f64);
+    stats.add("train/reply_length_min", lengths.iter().copied().fold(f64::INFINITY, f64::min));
+    stats.add("train/reply_length_max", lengths.iter().copied().fold(0.0, f64::max));
+    stats.add("train/truncated_fraction", truncated.iter().filter(|&&t| t).count() as f64 / truncated.len().max(1) as f64);
+    let loss = pg.loss;
     Ok(Loss { loss, tokens: sampled.batch.tokens(), metrics: stats.metrics })
+}
+
+/// `train/reward_std` and `train/zero_spread_fraction` (prompts whose replies all scored the
+/// same, so a group-relative objective learns nothing from them).
+pub fn reward_spread_metrics(scored: &Scored, stats: &mut SamplingStats) {
+    let all: Vec<f64> = scored.rewards.iter().flatten().copied().collect();
+    let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+    let std = (all.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / all.len().max(1) as f64).sqrt();
+    stats.add("train/reward_std", std);
+    let flat = scored.rewards.iter().filter(|g| g.iter().all(|&r| (r - g[0]).abs() < 1e-12)).count();
+    stats.add("train/zero_spread_fraction", flat as f64 / scored.rewards.len().max(1) as f64);
 }
 
 pub(crate) fn scalar(t: &Tensor<1>) -> f64 {
@@ -325,6 +433,71 @@ mod tests {
         assert_eq!(a, vec![1.0, -1.0, -1.0, 1.0]);
         assert_eq!(group_advantages(&[1.0, 1.0], true), vec![0.0, 0.0]);
         assert_eq!(group_advantages(&[2.0, 0.0], false), vec![1.0, -1.0]);
+    }
+
+    /// Row 0: one reply token, row 1: three (batch length 3, row 0 padded at 1 and 2).
+    fn two_row_batch(device: &Device) -> ReplyBatch {
+        let (prompt, short, long) = ([5u32], [6u32], [6u32, 7, 8]);
+        ReplyBatch::new(&[(&prompt, &short, false), (&prompt, &long, false)], 2, 16, device)
+    }
+
+    fn options(loss_type: LossType) -> PolicyGradientOptions {
+        PolicyGradientOptions { clip_low: 0.2, clip_high: 0.2, kl_beta: 0.0, loss_type, max_reply_tokens: 4 }
+    }
+
+    fn loss_of(pg: &PolicyGradientLoss) -> f32 {
+        pg.loss.clone().into_scalar::<f32>()
+    }
+
+    #[test]
+    fn token_logprobs_follow_the_sampling_temperature() {
+        let device = Device::flex();
+        device.seed(3);
+        let model = crate::model::GptConfig::tiny_for_tests(11, false).init(&device);
+        let batch = two_row_batch(&device);
+        let ctx = ForwardContext::default();
+        let logits = model.forward(batch.tensors.inputs.clone(), &ctx);
+        let want = log_softmax(logits.div_scalar(2.0), 2).gather(2, batch.tensors.targets.clone().reshape([2, 3, 1])).reshape([2, 3]);
+        let got = token_logprobs(&model, &batch, &ctx, 2.0);
+        got.clone().into_data().assert_approx_eq::<f32>(&want.into_data(), Default::default());
+        let at_one: Vec<f32> = token_logprobs(&model, &batch, &ctx, 1.0).into_data().try_into_vec().unwrap();
+        assert_ne!(at_one, got.into_data().try_into_vec::<f32>().unwrap(), "temperature 2 changes the log-probs");
+    }
+
+    #[test]
+    fn loss_types_average_the_token_terms_as_their_papers_do() {
+        let device = Device::flex();
+        let batch = two_row_batch(&device);
+        let zeros = || Tensor::<2>::zeros([2, 3], &device);
+        let run = |loss_type, kept: &[bool]| loss_of(&policy_gradient_loss(zeros(), zeros(), None, &batch, &[1.0, 2.0], kept, options(loss_type)));
+        // Ratio 1 everywhere: every reply token contributes its row's advantage.
+        assert_eq!(run(LossType::Grpo, &[true, true]), -1.5); // (1/1 + 6/3) / 2
+        assert_eq!(run(LossType::DrGrpo, &[true, true]), -0.875); // (1 + 6) / (4 · 2)
+        assert_eq!(run(LossType::Dapo, &[true, true]), -1.75); // (1 + 6) / 4 tokens
+        // mask_truncated: row 1 dropped.
+        assert_eq!(run(LossType::Grpo, &[true, false]), -1.0);
+        assert_eq!(run(LossType::Dapo, &[true, false]), -1.0);
+    }
+
+    #[test]
+    fn padded_positions_cannot_overflow_the_ratio_and_clipping_is_asymmetric() {
+        let device = Device::flex();
+        let batch = two_row_batch(&device);
+        // A log-ratio of 200 at row 0's padded positions would make exp overflow to inf (and
+        // inf · 0 = NaN) if the mask came after exp.
+        let logp = Tensor::<2>::from_data(TensorData::new(vec![1.5f32.ln(), 200.0, 200.0, 1.5f32.ln(), 1.5f32.ln(), 1.5f32.ln()], [2, 3]), &device);
+        let old = Tensor::<2>::zeros([2, 3], &device);
+        let mut o = options(LossType::Dapo);
+        o.clip_high = 0.28;
+        let pg = policy_gradient_loss(logp.clone(), old.clone(), Some(old.clone()), &batch, &[1.0, 1.0], &[true, true], o);
+        let loss = loss_of(&pg);
+        assert!(loss.is_finite(), "{loss}");
+        // Ratio 1.5 > 1 + ε_high: the surrogate uses 1.28 for every counted token.
+        assert!((pg.quality.into_scalar::<f32>() + 1.28).abs() < 1e-6);
+        assert_eq!(pg.clip_fraction, 1.0);
+        // With the symmetric range the clip is at 1.2.
+        let pg = policy_gradient_loss(logp, old.clone(), None, &batch, &[1.0, 1.0], &[true, true], options(LossType::Dapo));
+        assert!((loss_of(&pg) + 1.2).abs() < 1e-6);
     }
 
     #[test]
