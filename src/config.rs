@@ -521,6 +521,10 @@ pub struct TrainingConfig {
     pub eval_every: usize,
     pub eval_batches: usize,
     pub log_every: usize,
+    /// End the run (with a checkpoint) after this many evaluations in a row without an
+    /// improvement of at least `early_stopping_threshold` in eval loss; 0 = never.
+    pub early_stopping_patience: usize,
+    pub early_stopping_threshold: f64,
 }
 
 impl Default for TrainingConfig {
@@ -532,6 +536,8 @@ impl Default for TrainingConfig {
             eval_every: 250,
             eval_batches: 20,
             log_every: 10,
+            early_stopping_patience: 0,
+            early_stopping_threshold: 0.0,
         }
     }
 }
@@ -637,6 +643,7 @@ impl Config {
         );
         check(o.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)), "optimizer.warmup_ratio", "must be in [0, 1)");
         check(o.decay_fraction > 0.0 && o.decay_fraction <= 1.0, "optimizer.decay_fraction", "must be in (0, 1]");
+        check(self.training.early_stopping_threshold >= 0.0, "training.early_stopping_threshold", "must be >= 0");
         check(o.max_grad_norm >= 0.0, "optimizer.max_grad_norm", "must be >= 0 (0 turns clipping off)");
         check(t.max_steps > 0, "training.max_steps", "must be > 0");
         check(t.batch_size > 0, "training.batch_size", "must be > 0");

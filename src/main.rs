@@ -478,6 +478,9 @@ fn train_and_report(config: Config, resume: bool, run: &RunArgs) -> Result<ExitC
         fmt(outcome.final_eval_loss),
         outcome.run_dir.display()
     );
+    if let Some(reason) = &outcome.early_stopped {
+        println!("{reason}");
+    }
     // Ctrl-C (not a planned --stop-at-step) ends with the conventional interrupt status.
     Ok(if outcome.interrupted && train::interrupted() { ExitCode::from(130) } else { ExitCode::SUCCESS })
 }

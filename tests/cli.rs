@@ -192,3 +192,24 @@ fn bench_kernels_json_records() {
         assert!(ops.contains(&"lcs_gpu_vs_cpu"), "the LCS placement measurement runs on GPU devices: {ops:?}");
     }
 }
+
+#[test]
+fn early_stopping_ends_the_run_with_a_checkpoint_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
+    let config = config.to_str().unwrap();
+    // The first evaluation sets the best; no later one can improve on it by 100.
+    let sets = ["training.eval_every=1", "training.early_stopping_patience=2", "training.early_stopping_threshold=100"];
+    let mut args = vec!["train", "--config", config, "--quiet"];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let r = run(&args).ok();
+    assert!(r.stdout().contains("early stopping at step 3"), "{}", r.stdout());
+    assert_eq!(checkpoint_steps(&out).last(), Some(&3), "a checkpoint at the stop");
+    // Resuming an early-stopped run trains nothing more.
+    let r = run(&["resume", out.to_str().unwrap(), "--quiet"]).ok();
+    assert!(r.stdout().contains("early stopping at step 3"), "{}", r.stdout());
+    assert_eq!(checkpoint_steps(&out).last(), Some(&3));
+}

@@ -40,6 +40,9 @@ pub struct TrainerState {
     /// Wall-clock seconds spent in optimizer steps, summed over every resume.
     #[serde(default)]
     pub train_seconds: f64,
+    /// Evaluations in a row without an improvement of `training.early_stopping_threshold`.
+    #[serde(default)]
+    pub evals_without_improvement: u64,
 }
 
 /// A complete checkpoint on disk.

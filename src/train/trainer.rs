@@ -29,6 +29,8 @@ pub struct TrainOutcome {
     pub final_eval_loss: Option<f64>,
     /// Stopped early (Ctrl-C or `stop_at_step`) with a checkpoint to resume from.
     pub interrupted: bool,
+    /// Why early stopping ended the run (`training.early_stopping_patience`).
+    pub early_stopped: Option<String>,
 }
 
 /// Options of one invocation that are not part of the run's config.
@@ -294,6 +296,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
             best_eval_loss: None,
             best_eval_step: None,
             train_seconds: 0.0,
+            evals_without_improvement: 0,
         },
     };
     if state.seed != config.run.seed {
@@ -357,11 +360,27 @@ impl Loop {
         self.logger().message(&ffn);
     }
 
+    /// Early stopping's verdict: why the run should end now, if it should.
+    fn early_stop_reason(&self) -> Option<String> {
+        let t = &self.learner.config.training;
+        let patience = t.early_stopping_patience as u64;
+        (patience > 0 && self.state.evals_without_improvement >= patience).then(|| {
+            format!(
+                "early stopping at step {}: eval loss has not improved by at least {} for {patience} evaluations (best {:.4} at step {})",
+                self.state.global_step,
+                t.early_stopping_threshold,
+                self.state.best_eval_loss.unwrap_or(f64::NAN),
+                self.state.best_eval_step.unwrap_or(0)
+            )
+        })
+    }
+
     fn run(mut self, stop_at_step: Option<u64>) -> Result<TrainOutcome> {
         let t = self.learner.config.training.clone();
         let max_steps = t.max_steps as u64;
         let mut interrupted = false;
-        while self.state.global_step < max_steps {
+        let mut stopped_early = self.early_stop_reason();
+        while self.state.global_step < max_steps && stopped_early.is_none() {
             if stop_at_step.is_some_and(|s| self.state.global_step >= s) {
                 interrupted = true;
                 break;
@@ -416,9 +435,10 @@ impl Loop {
             }
             if (t.eval_every > 0 && done % t.eval_every as u64 == 0) || done == max_steps {
                 self.evaluate()?;
+                stopped_early = self.early_stop_reason();
             }
             interrupted = super::interrupted() || stop_at_step.is_some_and(|s| done >= s);
-            if done % self.learner.config.checkpoint.every_steps as u64 == 0 || done == max_steps || interrupted {
+            if done % self.learner.config.checkpoint.every_steps as u64 == 0 || done == max_steps || interrupted || stopped_early.is_some() {
                 self.save_checkpoint()?;
             }
             if interrupted {
@@ -426,6 +446,9 @@ impl Loop {
             }
         }
         let logger = self.logger.take().expect("logger");
+        if let Some(reason) = &stopped_early {
+            logger.message(reason);
+        }
         if interrupted {
             logger.message(&format!(
                 "stopped at step {}; continue with `polyburn resume {}`",
@@ -440,6 +463,7 @@ impl Loop {
             final_train_loss: self.state.last_train_loss,
             final_eval_loss: self.state.last_eval_loss,
             interrupted,
+            early_stopped: stopped_early,
         })
     }
 
@@ -448,6 +472,12 @@ impl Loop {
         let loss = evaluate(&l.model, &mut self.data.validation, &l.config, &l.device, self.state.global_step)?;
         let step = self.state.global_step;
         self.state.last_eval_loss = Some(loss);
+        let threshold = l.config.training.early_stopping_threshold;
+        if self.state.best_eval_loss.is_none_or(|b| loss < b - threshold) {
+            self.state.evals_without_improvement = 0;
+        } else {
+            self.state.evals_without_improvement += 1;
+        }
         if self.state.best_eval_loss.is_none_or(|b| loss < b) {
             self.state.best_eval_loss = Some(loss);
             self.state.best_eval_step = Some(step);

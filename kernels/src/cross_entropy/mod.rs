@@ -16,7 +16,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Int, Tensor};
 pub use cpu::{CrossEntropyShape, linear_cross_entropy_cpu};
-pub use reference::linear_cross_entropy_reference;
+pub use reference::{linear_cross_entropy_reference, target_log_probs};
 
 /// Which implementation computes the LM head's cross-entropy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

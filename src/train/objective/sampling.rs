@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
+use polyburn_kernels::cross_entropy::target_log_probs;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::sft::BatchTensors;
@@ -70,8 +70,8 @@ pub fn token_logprobs(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext,
     if temperature > 0.0 && temperature != 1.0 {
         logits = logits.div_scalar(temperature);
     }
-    let [rows, len, _] = logits.dims();
-    log_softmax(logits, 2).gather(2, batch.tensors.targets.clone().reshape([rows, len, 1])).reshape([rows, len])
+    let [rows, len, vocab] = logits.dims();
+    target_log_probs(logits.reshape([rows * len, vocab]), batch.tensors.targets.clone().reshape([rows * len])).reshape([rows, len])
 }
 
 /// Mean of the final hidden states over the positions that predict reply tokens, L2-normalised:
@@ -426,6 +426,7 @@ pub(crate) fn scalar(t: &Tensor<1>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::activation::log_softmax;
 
     #[test]
     fn group_advantages_center_and_scale() {
