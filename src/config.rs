@@ -548,11 +548,36 @@ pub struct CheckpointConfig {
     pub every_steps: usize,
     /// Complete checkpoints kept on disk (older ones are pruned); 0 keeps all.
     pub keep_last: usize,
+    /// Keep the checkpoint of the best evaluation as `checkpoints/best`, outside `keep_last`.
+    pub keep_best: bool,
+    /// The evaluation metric that decides "best" (`eval_loss`, the one a run logs).
+    pub best_metric: String,
+    pub best_mode: BestMode,
+}
+
+/// Whether a lower (`min`) or higher (`max`) `checkpoint.best_metric` is better.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BestMode {
+    #[default]
+    Min,
+    Max,
+}
+
+impl BestMode {
+    /// Whether `value` beats `best` (anything beats no best yet).
+    pub fn improves(self, value: f64, best: Option<f64>) -> bool {
+        match (self, best) {
+            (_, None) => true,
+            (BestMode::Min, Some(b)) => value < b,
+            (BestMode::Max, Some(b)) => value > b,
+        }
+    }
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every_steps: 1000, keep_last: 3 }
+        Self { every_steps: 1000, keep_last: 3, keep_best: false, best_metric: "eval_loss".into(), best_mode: BestMode::Min }
     }
 }
 
@@ -644,6 +669,11 @@ impl Config {
         check(o.warmup_ratio.is_none_or(|r| (0.0..1.0).contains(&r)), "optimizer.warmup_ratio", "must be in [0, 1)");
         check(o.decay_fraction > 0.0 && o.decay_fraction <= 1.0, "optimizer.decay_fraction", "must be in (0, 1]");
         check(self.training.early_stopping_threshold >= 0.0, "training.early_stopping_threshold", "must be >= 0");
+        check(
+            self.checkpoint.best_metric == "eval_loss",
+            "checkpoint.best_metric",
+            &format!("`{}` is not an evaluation metric a run logs (eval_loss)", self.checkpoint.best_metric),
+        );
         check(o.max_grad_norm >= 0.0, "optimizer.max_grad_norm", "must be >= 0 (0 turns clipping off)");
         check(t.max_steps > 0, "training.max_steps", "must be > 0");
         check(t.batch_size > 0, "training.batch_size", "must be > 0");

@@ -11,7 +11,7 @@ use polyburn::data::{TOKENIZER_FILE, TextTokenizer};
 use polyburn::model::generate::{Decoding, SamplingOptions, generate_batch};
 use polyburn::sweep::{Sweep, run_sweep, write_report};
 use polyburn::train::checkpoint;
-use polyburn::train::trainer::{load_checkpointed_model, saved_config};
+use polyburn::train::trainer::{load_checkpointed_model, requested_step, saved_config};
 use polyburn::train::{self, TrainOptions};
 use burn::tensor::Device;
 
@@ -61,8 +61,11 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Use this checkpoint step instead of the latest.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "best")]
         step: Option<u64>,
+        /// Use the best checkpoint (`checkpoint.keep_best`).
+        #[arg(long)]
+        best: bool,
         /// Sentence encoder for semantic diversity (hub id or folder), or `none` to skip it.
         #[arg(long, default_value = polyburn::model::encoder::DEFAULT_ENCODER)]
         encoder: String,
@@ -114,8 +117,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Export this checkpoint step instead of the latest.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "best")]
         step: Option<u64>,
+        /// Export the best checkpoint (`checkpoint.keep_best`).
+        #[arg(long)]
+        best: bool,
         /// LoRA runs: fold the adapters into the base weights and export a full model
         /// (without it, the adapters alone are written in the PEFT layout).
         #[arg(long)]
@@ -181,8 +187,11 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Use this checkpoint step instead of the latest.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "best")]
     step: Option<u64>,
+    /// Use the best checkpoint (`checkpoint.keep_best`).
+    #[arg(long)]
+    best: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -315,11 +324,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resume { run_dir, run } => resume_command(&run_dir, &run),
         Command::Generate(args) => generate_command(args),
         Command::Embed { model, text, file } => embed_command(&model, text, file),
-        Command::Eval { run, k, samples, json, step, encoder, temperature, seed } => {
+        Command::Eval { run, k, samples, json, step, best, encoder, temperature, seed } => {
+            let step = requested_step(&run, step, best)?;
             let encoder = (encoder != "none").then_some(encoder);
             eval_command(&run, polyburn::eval::EvalOptions { k, samples, step, encoder, temperature, seed }, json)
         }
-        Command::Export { run, out, step, merge } => export_command(&run, &out, step, merge),
+        Command::Export { run, out, step, best, merge } => export_command(&run, &out, requested_step(&run, step, best)?, merge),
         Command::Sweep { sweep, jobs, output_dir, overrides, report, list } => {
             sweep_command(&sweep, jobs, output_dir.as_deref(), &overrides, SweepAction::from_flags(report, list))
         }
@@ -510,7 +520,7 @@ fn embed_command(model: &str, mut texts: Vec<String>, file: Option<PathBuf>) -> 
 fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
     let (model, tokenizer, stop_token, global_step, device) = match (&args.run, &args.model) {
         (Some(run), _) => {
-            let r = load_checkpointed_model(run, args.step)?;
+            let r = load_checkpointed_model(run, requested_step(run, args.step, args.best)?)?;
             let eos = r.tokenizer.eos_id();
             (r.model, r.tokenizer, eos, r.checkpoint.state()?.global_step, r.device)
         }

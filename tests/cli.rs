@@ -213,3 +213,40 @@ fn early_stopping_ends_the_run_with_a_checkpoint_and_says_why() {
     assert!(r.stdout().contains("early stopping at step 3"), "{}", r.stdout());
     assert_eq!(checkpoint_steps(&out).last(), Some(&3));
 }
+
+#[test]
+fn keep_best_keeps_the_best_evaluation_outside_keep_last_and_best_loads_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let config = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
+    // best_mode max: the highest eval loss, usually an early step, so keeping it while
+    // keep_last = 1 prunes the steps in between.
+    let sets = ["checkpoint.keep_best=true", "checkpoint.best_mode=max", "checkpoint.keep_last=1", "checkpoint.every_steps=100", "training.eval_every=1"];
+    let mut args = vec!["train", "--config", config.to_str().unwrap(), "--quiet"];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    run(&args).ok();
+    // The best evaluation, from the log.
+    let evals: Vec<(u64, f64)> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("eval_loss")?.as_f64()?)))
+        .collect();
+    assert_eq!(evals.len(), 8, "{evals:?}");
+    let best = evals.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    let link = std::fs::read_link(out.join("checkpoints/best")).unwrap();
+    assert_eq!(link.to_str().unwrap(), format!("step-{best}"));
+    let steps = checkpoint_steps(&out);
+    assert!(steps.contains(&best) && steps.contains(&8) && steps.len() <= 2, "latest and best only: {steps:?}");
+    let exported = tmp.path().join("hf");
+    let r = run(&["export", "--run", out.to_str().unwrap(), "--out", exported.to_str().unwrap(), "--best"]).ok();
+    assert!(r.stdout().contains(&format!("(step {best})")), "{}", r.stdout());
+    // Without keep_best there is nothing to ask for.
+    let plain = tmp.path().join("plain");
+    let config = write_config(tmp.path(), "p.yaml", &tiny_text_config(&plain));
+    run(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", "training.max_steps=2"]).ok();
+    let r = run(&["export", "--run", plain.to_str().unwrap(), "--out", exported.to_str().unwrap(), "--best"]).fails();
+    assert!(r.stderr().contains("no best checkpoint"), "{}", r.stderr());
+}

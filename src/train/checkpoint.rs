@@ -43,6 +43,9 @@ pub struct TrainerState {
     /// Evaluations in a row without an improvement of `training.early_stopping_threshold`.
     #[serde(default)]
     pub evals_without_improvement: u64,
+    /// `checkpoint.best_metric` of the checkpoint `checkpoints/best` points at.
+    #[serde(default)]
+    pub best_checkpoint_value: Option<f64>,
 }
 
 /// A complete checkpoint on disk.
@@ -123,14 +126,43 @@ pub fn write_checkpoint(
     Ok(Checkpoint { step, dir: final_dir })
 }
 
-fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
+/// Removes all but the newest `keep_last` complete checkpoints (0 keeps all); the one
+/// `checkpoints/best` points at is never removed.
+pub fn prune(run_dir: &Path, keep_last: usize) -> Result<()> {
     if keep_last == 0 {
         return Ok(());
     }
-    let all = list_checkpoints(run_dir)?;
+    let best = best_checkpoint(run_dir)?.map(|c| c.step);
+    let all: Vec<Checkpoint> = list_checkpoints(run_dir)?.into_iter().filter(|c| Some(c.step) != best).collect();
     for old in all.iter().take(all.len().saturating_sub(keep_last)) {
         std::fs::remove_dir_all(&old.dir).with_context(|| format!("removing {}", old.dir.display()))?;
     }
     Ok(())
+}
+
+/// Name of the link to the best checkpoint, in `checkpoints/`.
+pub const BEST_LINK: &str = "best";
+
+/// Points `checkpoints/best` at the complete checkpoint of `step`: a new relative symlink,
+/// renamed over the old one, so a crash leaves the old or the new link, never none.
+pub fn mark_best(run_dir: &Path, step: u64) -> Result<()> {
+    let root = run_dir.join(CHECKPOINTS_DIR);
+    let tmp = root.join(format!("{BEST_LINK}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(step_dir_name(step), &tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    std::fs::rename(&tmp, root.join(BEST_LINK)).with_context(|| format!("replacing {}", root.join(BEST_LINK).display()))?;
+    fsync_path(&root)
+}
+
+/// The checkpoint `checkpoints/best` points at, if there is one and it is complete.
+pub fn best_checkpoint(run_dir: &Path) -> Result<Option<Checkpoint>> {
+    let link = run_dir.join(CHECKPOINTS_DIR).join(BEST_LINK);
+    let Ok(target) = std::fs::read_link(&link) else { return Ok(None) };
+    let step = target
+        .to_str()
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok())
+        .with_context(|| format!("{} points at {}, not a step-<n> checkpoint", link.display(), target.display()))?;
+    Ok(list_checkpoints(run_dir)?.into_iter().find(|c| c.step == step))
 }
 

@@ -297,6 +297,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
             best_eval_step: None,
             train_seconds: 0.0,
             evals_without_improvement: 0,
+            best_checkpoint_value: None,
         },
     };
     if state.seed != config.run.seed {
@@ -433,13 +434,21 @@ impl Loop {
             } else {
                 self.logger().tick(done);
             }
+            let mut new_best = false;
             if (t.eval_every > 0 && done % t.eval_every as u64 == 0) || done == max_steps {
-                self.evaluate()?;
+                new_best = self.evaluate()?;
                 stopped_early = self.early_stop_reason();
             }
             interrupted = super::interrupted() || stop_at_step.is_some_and(|s| done >= s);
-            if done % self.learner.config.checkpoint.every_steps as u64 == 0 || done == max_steps || interrupted || stopped_early.is_some() {
+            let periodic = done % self.learner.config.checkpoint.every_steps as u64 == 0;
+            if periodic || done == max_steps || interrupted || stopped_early.is_some() || new_best {
                 self.save_checkpoint()?;
+            }
+            if new_best {
+                // After the save (so the link never points at a missing directory), then prune
+                // the previous best if it is now outside `keep_last`.
+                checkpoint::mark_best(&self.run_dir, done)?;
+                checkpoint::prune(&self.run_dir, self.learner.config.checkpoint.keep_last)?;
             }
             if interrupted {
                 break;
@@ -467,7 +476,8 @@ impl Loop {
         })
     }
 
-    fn evaluate(&mut self) -> Result<()> {
+    /// Evaluates; returns whether the result is a new best for `checkpoint.keep_best`.
+    fn evaluate(&mut self) -> Result<bool> {
         let l = &self.learner;
         let loss = evaluate(&l.model, &mut self.data.validation, &l.config, &l.device, self.state.global_step)?;
         let step = self.state.global_step;
@@ -486,7 +496,12 @@ impl Loop {
         logger.scalar("eval/loss", loss, step);
         logger.record(json!({"step": step, "eval_loss": loss}))?;
         logger.message(&format!("step {step}: eval loss {loss:.4}"));
-        Ok(())
+        let c = &self.learner.config.checkpoint;
+        let new_best = c.keep_best && c.best_mode.improves(loss, self.state.best_checkpoint_value);
+        if new_best {
+            self.state.best_checkpoint_value = Some(loss);
+        }
+        Ok(new_best)
     }
 
     fn save_checkpoint(&mut self) -> Result<()> {
@@ -544,6 +559,18 @@ pub struct CheckpointedModel {
 }
 
 /// Loads the latest (or `step`) checkpoint of `run_dir` for inference.
+/// The checkpoint step a command asks for: `--step N`, `--best` (`checkpoints/best`), or the
+/// latest (`None`).
+pub fn requested_step(run_dir: &Path, step: Option<u64>, best: bool) -> Result<Option<u64>> {
+    if !best {
+        return Ok(step);
+    }
+    let best = checkpoint::best_checkpoint(run_dir)?.with_context(|| {
+        format!("{} has no best checkpoint (train with checkpoint.keep_best: true)", run_dir.display())
+    })?;
+    Ok(Some(best.step))
+}
+
 pub fn load_checkpointed_model(run_dir: &Path, step: Option<u64>) -> Result<CheckpointedModel> {
     let config = saved_config(run_dir, &[])?;
     let tokenizer = crate::data::TextTokenizer::from_file(&run_dir.join(crate::data::TOKENIZER_FILE))?;
