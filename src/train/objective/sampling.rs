@@ -14,9 +14,7 @@ use super::sft::BatchTensors;
 use super::{Loss, StepInput};
 use crate::config::{Config, KernelsConfig, LossType, ObjectiveType};
 use crate::data::{Batch, Example, TextTokenizer, fit_to_context};
-use crate::diversity::{
-    DiversityMetric, distinct_replies, lcs_diversities, lcs_distances, lexical_diversity, semantic_diversity, semantic_distances,
-};
+use crate::diversity::{DiversityMetric, distinct_replies, lcs_distances, lexical_diversity, mean_pair_distance, semantic_distances};
 use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
 use crate::model::encoder::{SentenceEncoder, mean_pool_normalized};
 use crate::model::{ForwardContext, Gpt};
@@ -220,7 +218,8 @@ impl PolicyTools {
         Ok(Self { rewards: Rewards::from_config(&ob.rewards), tokenizer, encoder, reference: None })
     }
 
-    /// The configured diversity of each group of token sequences (texts for `semantic`).
+    /// The configured diversity of each group of token sequences (texts for `semantic` and
+    /// `distinct`). The pairwise metrics are the mean over pairs of [`Self::distance_matrices`].
     pub fn diversities(
         &self,
         metric: DiversityMetric,
@@ -230,19 +229,9 @@ impl PolicyTools {
         texts: &[Vec<String>],
         stats: &mut SamplingStats,
     ) -> Result<Vec<f64>> {
-        if metric == DiversityMetric::Semantic {
-            let encoder = self.encoder.as_ref().context("semantic diversity needs objective.encoder")?;
-            let flat: Vec<&str> = texts.iter().flatten().map(String::as_str).collect();
-            let embeddings = stats.time("perf/encode_ms", || encoder.embed(&flat))?;
-            let mut chunks = embeddings.chunks(texts.first().map_or(1, Vec::len));
-            return stats.time("perf/diversity_ms", || chunks.try_fold(Vec::new(), |mut v, group| {
-                v.push(semantic_diversity(group)?);
-                Ok(v)
-            }));
-        }
-        if metric == DiversityMetric::Lcs {
-            // All groups in one batch, so a large one can go to the GPU in a single launch.
-            return Ok(stats.time("perf/diversity_ms", || lcs_diversities(groups, kernels.lcs, device, kernels.lcs_gpu_min_cells)));
+        if metric.is_pairwise() {
+            let matrices = self.distance_matrices(metric, kernels, device, groups, texts, stats)?;
+            return Ok(matrices.iter().zip(texts).map(|(d, group)| mean_pair_distance(d, group.len())).collect());
         }
         if metric == DiversityMetric::Distinct {
             return Ok(stats.time("perf/diversity_ms", || texts.iter().map(|g| distinct_replies(g)).collect()));
@@ -269,6 +258,7 @@ impl PolicyTools {
                 let per_group = texts.first().map_or(1, Vec::len);
                 stats.time("perf/diversity_ms", || embeddings.chunks(per_group).map(semantic_distances).collect())
             }
+            // All groups in one batch, so a large one can go to the GPU in a single launch.
             DiversityMetric::Lcs => Ok(stats.time("perf/diversity_ms", || lcs_distances(groups, kernels.lcs, device, kernels.lcs_gpu_min_cells))),
             other => bail!("objective.diversity: `{other:?}` is not a mean over pairs"),
         }
