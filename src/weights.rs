@@ -27,10 +27,14 @@ pub fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Replaces `path` atomically: write a sibling temp file, fsync, rename. A crash leaves
-/// either the old or the new content, never a torn file.
+/// either the old or the new content, never a torn file. The temp name is unique to the
+/// process and the call, so two writers of one file (two sweeps writing one report) never
+/// rename each other's temp file away; the last rename wins.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".tmp.{}.{call}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     write_file_synced(&tmp, bytes)?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
