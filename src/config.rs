@@ -73,8 +73,13 @@ pub struct KernelsConfig {
     pub lcs: polyburn_kernels::lcs::LcsImpl,
     /// The LM head and cross-entropy of the training loss.
     pub cross_entropy: polyburn_kernels::cross_entropy::CrossEntropyImpl,
-    /// The plain MLP's GELU (`model.ffn.unit: gelu`).
+    /// The FFN activation: the plain MLP's GELU, or a gated unit's `A ⊙ (α·g(B) + 1 − α)`
+    /// (with `gate_norm` the norm splits it, and the reference runs).
     pub activation: polyburn_kernels::activation::ActivationImpl,
+    /// LayerNorm / RMSNorm of the blocks and the final norm.
+    pub norm: polyburn_kernels::norm::NormImpl,
+    /// The AdamW update of every parameter.
+    pub adamw: polyburn_kernels::adamw::AdamWImpl,
     /// Fused LCS batches with fewer dynamic-programming cells (groups · N² · L²) than this run
     /// on the CPU even on a GPU device; larger ones run the CubeCL kernel.
     pub lcs_gpu_min_cells: u64,
@@ -89,6 +94,8 @@ impl Default for KernelsConfig {
             lcs: Default::default(),
             cross_entropy: Default::default(),
             activation: Default::default(),
+            norm: Default::default(),
+            adamw: Default::default(),
             lcs_gpu_min_cells: polyburn_kernels::lcs::DEFAULT_GPU_MIN_CELLS,
         }
     }

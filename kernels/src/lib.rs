@@ -4,6 +4,7 @@
 //! backward.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod diversity;
@@ -12,6 +13,7 @@ mod cube_tensors;
 mod flex_tensors;
 pub mod lcs;
 mod math;
+pub mod norm;
 
 /// Every device this build runs on, by the name configs use: `flex` (the CPU) always, `wgpu`
 /// with the `wgpu` feature (whatever adapter wgpu finds: a GPU, or Mesa's software Vulkan),

@@ -61,6 +61,22 @@ pub(crate) fn exp_shifted_in_place(xs: &mut [f32], shift: f32) -> f32 {
     total + acc.iter().sum::<f32>()
 }
 
+/// `Σ_i f(a_i, b_i)` over two slices of one length, with independent partial sums so that it
+/// vectorises (dot products, sums, centred squares).
+#[inline(always)]
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y)).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += f(x[l], y[l]);
+        }
+    }
+    tail + acc.iter().sum::<f32>()
+}
+
 /// `c[m×n] (+)= a · b` for row-major `a` (`[m×k]`, or stored `[k×m]` when `a_transposed`)
 /// and `b` (`[k×n]`, or stored `[n×k]` when `b_transposed`), through `gemm`.
 #[allow(clippy::too_many_arguments)]

@@ -3,11 +3,13 @@
 //! implementation against the reference, with a tolerance stated per op.
 
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor, TensorData};
-use polyburn_kernels::activation::{ActivationImpl, gelu};
+use polyburn_kernels::adamw::{AdamWImpl, AdamWStep, adamw};
+use polyburn_kernels::activation::{ActivationImpl, Gate, GatedUnit, gated_unit, gelu};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity, pooled_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_group_dp, lcs_groups, lcs_similarity};
+use polyburn_kernels::norm::{NormImpl, NormKind, norm};
 
 /// `|fused − reference| ≤ atol + rtol · |reference|` element-wise; a NaN on either side fails.
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +202,109 @@ fn gelu_matches_reference_forward_and_gradient() {
         for tanh in [false, true] {
             let (f, r) = (values(gelu(tails.clone(), tanh, ActivationImpl::Fused)), values(gelu(tails.clone(), tanh, ActivationImpl::Reference)));
             assert_close(&format!("{device:?} tails tanh={tanh}"), &f, &r, tol);
+        }
+    }
+}
+
+/// The paGating mix `a' ⊙ (α·g(b) + 1 − α)` for every gate (and paGTU's tanh value path):
+/// output and the gradients w.r.t. `a`, `b` and a tracked α (learnable), odd sizes, a strided
+/// view, α at both ends of its range.
+#[test]
+fn gated_unit_matches_reference_forward_and_gradients() {
+    let tol = Tolerance { atol: 1e-5, rtol: 1e-5 };
+    let gates = [Gate::Sigmoid, Gate::Tanh, Gate::Silu, Gate::Relu, Gate::Gelu, Gate::GeluTanh, Gate::Mish];
+    for device in devices() {
+        let ad = device.clone().autodiff();
+        for (case, &(rows, cols, alpha)) in [(1, 1, 0.5f32), (3, 7, 0.0), (33, 1000, 0.3), (129, 257, 1.0)].iter().enumerate() {
+            ad.seed(6000 + case as u64);
+            let normal = Distribution::Normal(0.0, 3.0);
+            let (a, b) = (Tensor::<2>::random([rows, cols], normal, &ad), Tensor::<2>::random([cols, rows], normal, &ad));
+            let w = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 1.0), &ad);
+            for gate in gates {
+                for tanh_value in [false, true] {
+                    let unit = GatedUnit { gate, tanh_value };
+                    let run = |implementation| {
+                        let (a, b) = (a.clone().require_grad(), b.clone().require_grad());
+                        let alpha = Tensor::<1>::from_data(TensorData::new(vec![alpha], [1]), &ad).require_grad();
+                        // b through a transposed view: the op must read strides.
+                        let out = gated_unit(a.clone(), b.clone().transpose(), alpha.clone(), unit, implementation);
+                        let grads = (out.clone() * w.clone()).sum().backward();
+                        let g = |t: &Tensor<2>| values(t.grad(&grads).expect("input gradient"));
+                        (values(out.inner()), g(&a), g(&b), values(alpha.grad(&grads).expect("α gradient")))
+                    };
+                    let fused = run(ActivationImpl::Fused);
+                    let reference = run(ActivationImpl::Reference);
+                    let what = format!("{device:?} {rows}x{cols} α={alpha} {unit:?}");
+                    assert_close(&format!("{what}: output"), &fused.0, &reference.0, tol);
+                    assert_close(&format!("{what}: d a"), &fused.1, &reference.1, tol);
+                    assert_close(&format!("{what}: d b"), &fused.2, &reference.2, tol);
+                    // dα sums rows·cols terms; the reference sums them in another order.
+                    assert_close(&format!("{what}: d α"), &fused.3, &reference.3, Tolerance { atol: 1e-4, rtol: 1e-4 });
+                }
+            }
+        }
+    }
+}
+
+/// LayerNorm (with and without β) and RMSNorm: output and the gradients w.r.t. x, γ and β,
+/// odd widths, rows over several parallel tasks, a strided view, and rows with a large mean.
+#[test]
+fn norms_match_reference_forward_and_gradients() {
+    let tol = Tolerance { atol: 2e-5, rtol: 1e-4 };
+    for device in devices() {
+        let ad = device.clone().autodiff();
+        for (case, &(rows, d, offset)) in [(1, 1, 0.0f32), (3, 7, 0.0), (70, 33, 5.0), (129, 256, 0.0), (2, 1000, -3.0)].iter().enumerate() {
+            ad.seed(7000 + case as u64);
+            let x = Tensor::<3>::random([d, rows, 1], Distribution::Normal(offset as f64, 2.0), &ad);
+            let w = Tensor::<3>::random([1, rows, d], Distribution::Normal(0.0, 1.0), &ad);
+            let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &ad);
+            let beta = Tensor::<1>::random([d], Distribution::Normal(0.0, 0.5), &ad);
+            for (kind, with_beta) in [(NormKind::Layer, true), (NormKind::Layer, false), (NormKind::Rms, false)] {
+                let run = |implementation| {
+                    let (x, gamma, beta) = (x.clone().require_grad(), gamma.clone().require_grad(), beta.clone().require_grad());
+                    // [d, rows, 1] seen as [1, rows, d]: a strided input.
+                    let out = norm(x.clone().swap_dims(0, 2), gamma.clone(), with_beta.then(|| beta.clone()), 1e-5, kind, implementation);
+                    let grads = (out.clone() * w.clone()).sum().backward();
+                    let beta_grad = if with_beta { values(beta.grad(&grads).expect("β gradient")) } else { Vec::new() };
+                    (values(out.inner()), values(x.grad(&grads).expect("x gradient")), values(gamma.grad(&grads).expect("γ gradient")), beta_grad)
+                };
+                let fused = run(NormImpl::Fused);
+                let reference = run(NormImpl::Reference);
+                let what = format!("{device:?} rows={rows} d={d} mean={offset} {kind:?} β={with_beta}");
+                assert_close(&format!("{what}: output"), &fused.0, &reference.0, tol);
+                assert_close(&format!("{what}: d x"), &fused.1, &reference.1, tol);
+                // γ's and β's gradients sum over rows, in another order than the reference.
+                let summed = Tolerance { atol: 1e-4, rtol: 1e-4 };
+                assert_close(&format!("{what}: d γ"), &fused.2, &reference.2, summed);
+                assert_close(&format!("{what}: d β"), &fused.3, &reference.3, summed);
+            }
+        }
+    }
+}
+
+/// One AdamW update, fused vs reference: parameter and both moments, first step (no moments)
+/// and a later one, with and without weight decay and a gradient scale, odd sizes.
+#[test]
+fn adamw_matches_reference() {
+    let tol = Tolerance { atol: 1e-7, rtol: 1e-6 };
+    for device in devices() {
+        for (case, &n) in [1usize, 7, 1000, 40_000].iter().enumerate() {
+            device.seed(8000 + case as u64);
+            let normal = Distribution::Normal(0.0, 1.0);
+            let [param, grad, m] = [(); 3].map(|_| Tensor::<1>::random([n], normal, &device));
+            let v = Tensor::<1>::random([n], Distribution::Uniform(0.0, 2.0), &device);
+            for (time, weight_decay, grad_scale, moments) in [(1, 0.0, 1.0, false), (1, 0.1, 0.5, false), (7, 0.1, 0.37, true), (300, 0.0, 1.0, true)] {
+                let step = AdamWStep { learning_rate: 3e-3, beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay, time, grad_scale };
+                let run = |implementation| {
+                    let moments = moments.then(|| (m.clone(), v.clone()));
+                    let (p, m, v) = adamw(param.clone(), grad.clone(), moments, step, implementation);
+                    [values(p), values(m), values(v)]
+                };
+                let (fused, reference) = (run(AdamWImpl::Fused), run(AdamWImpl::Reference));
+                for (name, (f, r)) in ["parameter", "moment 1", "moment 2"].iter().zip(fused.iter().zip(&reference)) {
+                    assert_close(&format!("{device:?} n={n} {step:?}: {name}"), f, r, tol);
+                }
+            }
         }
     }
 }

@@ -11,34 +11,35 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu, softplus, tanh};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor};
+use polyburn_kernels::activation::{ActivationImpl, Gate, GatedUnit, gate_reference, gated_unit, mix_reference, value_reference};
 
 use super::lora::{LoraAdapter, adapted};
 use crate::config::{AlphaMode, FfnConfig, FfnUnit, GeluApproximation, LoraConfig, LoraTarget};
 
-/// The GELU form a config asks for.
-pub fn gelu_with<const D: usize>(x: Tensor<D>, approximate: GeluApproximation) -> Tensor<D> {
-    match approximate {
-        GeluApproximation::None => gelu(x),
-        GeluApproximation::Tanh => gelu_approximate(x),
-    }
+/// The elementwise part of a gated unit: its gate nonlinearity g (and paGTU's tanh value path).
+pub fn gated_unit_of(unit: FfnUnit, approximate: GeluApproximation) -> GatedUnit {
+    let gate = match unit {
+        FfnUnit::Paglu => Gate::Sigmoid,
+        FfnUnit::Pagtu => Gate::Tanh,
+        // Swish with β = 1 is x·sigmoid(x), the same function as SiLU; both names are kept
+        // because the paGating paper lists both units.
+        FfnUnit::Paswishu | FfnUnit::Pasilu => Gate::Silu,
+        FfnUnit::Pareglu => Gate::Relu,
+        FfnUnit::Pagelu => match approximate {
+            GeluApproximation::None => Gate::Gelu,
+            GeluApproximation::Tanh => Gate::GeluTanh,
+        },
+        FfnUnit::Pamishu => Gate::Mish,
+        FfnUnit::Gelu => panic!("`gelu` is the plain MLP, not a gated unit"),
+    };
+    GatedUnit { gate, tanh_value: unit == FfnUnit::Pagtu }
 }
 
 /// The gate nonlinearity g of each unit.
 pub fn gate_activation<const D: usize>(unit: FfnUnit, x: Tensor<D>, approximate: GeluApproximation) -> Tensor<D> {
-    match unit {
-        FfnUnit::Paglu => sigmoid(x),
-        FfnUnit::Pagtu => tanh(x),
-        // Swish with β = 1 is x·sigmoid(x), the same function as SiLU; both names are kept
-        // because the paGating paper lists both units.
-        FfnUnit::Paswishu => x.clone() * sigmoid(x),
-        FfnUnit::Pasilu => silu(x),
-        FfnUnit::Pareglu => relu(x),
-        FfnUnit::Pagelu => gelu_with(x, approximate),
-        FfnUnit::Pamishu => x.clone() * tanh(softplus(x, 1.0)),
-        FfnUnit::Gelu => panic!("`gelu` is the plain MLP, not a gated unit"),
-    }
+    gate_reference(gated_unit_of(unit, approximate).gate, x)
 }
 
 /// Half cosine from `max` (step 0) to `min` (step `steps` and after).
@@ -176,24 +177,22 @@ impl GatedFfn {
     }
 
     /// The unit alone (before `down`): `[.., d_model] → [.., d_ff]`.
-    pub fn unit(&self, h: Tensor<3>, global_step: u64) -> Tensor<3> {
+    pub fn unit(&self, h: Tensor<3>, global_step: u64, implementation: ActivationImpl) -> Tensor<3> {
         let s = &self.settings;
-        let mut value = adapted(self.value.forward(h.clone()), &self.lora_up, &h);
-        if s.unit == FfnUnit::Pagtu {
-            value = tanh(value);
+        let unit = gated_unit_of(s.unit, s.approximate);
+        let value = adapted(self.value.forward(h.clone()), &self.lora_up, &h);
+        let gate_input = adapted(self.gate.forward(h.clone()), &self.lora_gate, &h);
+        let alpha = self.alpha_tensor(global_step, &h.device());
+        match &self.gate_norm {
+            // α·g + (1 − α): at α = 0 the unit is the value path alone.
+            None => gated_unit(value, gate_input, alpha, unit, implementation),
+            // The norm sits between g and the mix, so the unit is not one elementwise pass.
+            Some(norm) => mix_reference(value_reference(unit, value), norm.forward(gate_reference(unit.gate, gate_input)), alpha),
         }
-        let mut g = gate_activation(s.unit, adapted(self.gate.forward(h.clone()), &self.lora_gate, &h), s.approximate);
-        if let Some(norm) = &self.gate_norm {
-            g = norm.forward(g);
-        }
-        let alpha = self.alpha_tensor(global_step, &g.device());
-        let alpha = alpha.reshape([1, 1, 1]);
-        // α·g + (1 − α): at α = 0 the unit is the value path alone.
-        value * (g * alpha.clone() - alpha + 1.0)
     }
 
-    pub fn forward(&self, h: Tensor<3>, global_step: u64) -> Tensor<3> {
-        let u = self.unit(h, global_step);
+    pub fn forward(&self, h: Tensor<3>, global_step: u64, implementation: ActivationImpl) -> Tensor<3> {
+        let u = self.unit(h, global_step, implementation);
         adapted(self.down.forward(u.clone()), &self.lora_down, &u)
     }
 
@@ -218,6 +217,7 @@ pub fn ffn_cost(unit: FfnUnit, d_model: usize, d_ff: usize, bias: bool, gate_nor
 mod tests {
     use super::*;
     use crate::config::FfnConfig;
+    use burn::tensor::activation::tanh;
     use burn::module::{ModuleMapper, ModuleVisitor, ParamId};
     use burn::nn::LinearConfig;
     use burn::tensor::{Distribution, TensorData};
@@ -257,7 +257,7 @@ mod tests {
             if unit == FfnUnit::Pagtu {
                 value = tanh(value);
             }
-            zero.unit(h.clone(), 0).into_data().assert_approx_eq::<f32>(&value.into_data(), Default::default());
+            zero.unit(h.clone(), 0, ActivationImpl::Reference).into_data().assert_approx_eq::<f32>(&value.into_data(), Default::default());
 
             let one = unit_with(unit, "static_1.0", false, &device);
             let mut value = one.value.forward(h.clone());
@@ -265,7 +265,7 @@ mod tests {
                 value = tanh(value);
             }
             let gated = value * gate_activation(unit, one.gate.forward(h.clone()), GeluApproximation::None);
-            one.unit(h, 0).into_data().assert_approx_eq::<f32>(&gated.into_data(), Default::default());
+            one.unit(h, 0, ActivationImpl::Reference).into_data().assert_approx_eq::<f32>(&gated.into_data(), Default::default());
         }
     }
 
@@ -278,10 +278,10 @@ mod tests {
             .iter()
             .map(|&v| 0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh()))
             .collect();
-        gelu_with(x.clone(), GeluApproximation::Tanh)
+        gate_activation(FfnUnit::Pagelu, x.clone(), GeluApproximation::Tanh)
             .into_data()
             .assert_approx_eq::<f32>(&TensorData::from(expected.as_slice()), Default::default());
-        let exact = gelu_with(x, GeluApproximation::None).into_data().try_to_vec::<f32>().unwrap();
+        let exact = gate_activation(FfnUnit::Pagelu, x, GeluApproximation::None).into_data().try_to_vec::<f32>().unwrap();
         assert!((exact[0] - (-2.0 * 0.5 * (1.0 + libm_erf(-2.0 / 2f64.sqrt())) as f32)).abs() < 1e-5);
     }
 
@@ -330,8 +330,8 @@ mod tests {
     }
 
     /// Sum of the unit's output weighted by fixed random numbers: a scalar to differentiate.
-    fn probe_loss(ffn: &GatedFfn, h: &Tensor<3>, weights: &Tensor<3>) -> Tensor<1> {
-        (ffn.forward(h.clone(), 0) * weights.clone()).sum()
+    fn probe_loss(ffn: &GatedFfn, h: &Tensor<3>, weights: &Tensor<3>, implementation: ActivationImpl) -> Tensor<1> {
+        (ffn.forward(h.clone(), 0, implementation) * weights.clone()).sum()
     }
 
     struct Perturb {
@@ -366,12 +366,12 @@ mod tests {
     #[test]
     fn gradients_of_all_parameters_match_finite_differences() {
         let device = Device::flex().autodiff();
-        for unit in UNITS {
+        for (unit, implementation) in UNITS.into_iter().flat_map(|u| [(u, ActivationImpl::Reference), (u, ActivationImpl::Fused)]) {
             for gate_norm in [false, true] {
                 let ffn = unit_with(unit, "learnable", gate_norm, &device);
                 let h = input(&device);
                 let weights = Tensor::<3>::random([1, 4, 3], Distribution::Normal(0.0, 1.0), &device);
-                let grads = probe_loss(&ffn, &h, &weights).backward();
+                let grads = probe_loss(&ffn, &h, &weights, implementation).backward();
                 let mut ids = Ids::default();
                 ffn.visit(&mut ids);
                 assert_eq!(ids.0.len(), if gate_norm { 9 } else { 7 }, "every parameter is visited");
@@ -382,13 +382,13 @@ mod tests {
                         let eps = 1e-2;
                         let at = |delta| {
                             let moved = ffn.clone().map(&mut Perturb { id, index, delta });
-                            probe_loss(&moved, &h, &weights).into_scalar::<f32>() as f64
+                            probe_loss(&moved, &h, &weights, implementation).into_scalar::<f32>() as f64
                         };
                         let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
                         let a = analytic[index] as f64;
                         assert!(
                             (numeric - a).abs() <= 5e-3 + 2e-2 * a.abs(),
-                            "{unit:?} gate_norm={gate_norm}: d/dp[{index}] analytic {a} vs numeric {numeric}"
+                            "{unit:?} {implementation:?} gate_norm={gate_norm}: d/dp[{index}] analytic {a} vs numeric {numeric}"
                         );
                     }
                 }

@@ -3,16 +3,9 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::module::layer_norm;
 use burn::tensor::{Device, Tensor};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NormKind {
-    /// `(x − mean) / √(var + ε) · γ + β`.
-    Layer,
-    /// `x / √(mean(x²) + ε) · γ` (no centring, no bias).
-    Rms,
-}
+pub use polyburn_kernels::norm::NormKind;
+use polyburn_kernels::norm::{NormImpl, norm};
 
 #[derive(Module, Debug)]
 pub struct Norm {
@@ -33,15 +26,7 @@ impl Norm {
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gamma = self.gamma.val();
-        match self.kind {
-            NormKind::Layer => layer_norm(x, gamma, self.beta.as_ref().map(|b| b.val()), self.epsilon),
-            NormKind::Rms => {
-                let shape: [usize; D] = std::array::from_fn(|i| if i + 1 == D { gamma.dims()[0] } else { 1 });
-                let inv = x.clone().square().mean_dim(D - 1).add_scalar(self.epsilon).sqrt().recip();
-                x * inv * gamma.reshape(shape)
-            }
-        }
+    pub fn forward<const D: usize>(&self, x: Tensor<D>, implementation: NormImpl) -> Tensor<D> {
+        norm(x, self.gamma.val(), self.beta.as_ref().map(|b| b.val()), self.epsilon, self.kind, implementation)
     }
 }

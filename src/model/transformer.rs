@@ -6,6 +6,7 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use polyburn_kernels::activation::{ActivationImpl, gelu};
+use polyburn_kernels::norm::NormImpl;
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::cross_entropy::CrossEntropyImpl;
 
@@ -413,7 +414,7 @@ impl FeedForward {
                 let h = gelu(up, m.approximate == GeluApproximation::Tanh, context.activation);
                 adapted(m.down.forward(h.clone()), &m.lora_down, &h)
             }
-            FeedForward::Gated(g) => g.forward(x, context.global_step),
+            FeedForward::Gated(g) => g.forward(x, context.global_step, context.activation),
         }
     }
 
@@ -471,9 +472,9 @@ impl Block {
         mask: Option<Tensor<4, Bool>>,
         context: &ForwardContext,
     ) -> Tensor<3> {
-        let attn = self.attn.forward(self.ln_attn.forward(x.clone()), positions, cache, mask, context.attention);
+        let attn = self.attn.forward(self.ln_attn.forward(x.clone(), context.norm), positions, cache, mask, context.attention);
         let x = x + self.dropout.forward(attn);
-        let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone()), context);
+        let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone(), context.norm), context);
         x + self.dropout.forward(ffn)
     }
 }
@@ -486,8 +487,10 @@ pub struct ForwardContext {
     pub attention: AttentionImpl,
     /// The LM head + cross-entropy of the training loss.
     pub cross_entropy: CrossEntropyImpl,
-    /// The plain MLP's GELU.
+    /// The FFN activation: the plain MLP's GELU or a gated unit's mix.
     pub activation: ActivationImpl,
+    /// LayerNorm / RMSNorm.
+    pub norm: NormImpl,
 }
 
 /// Inference at step 0 ([`ForwardContext::at_step`]).
@@ -502,13 +505,19 @@ impl ForwardContext {
     /// masks need it, and recomputed decoding must match cached decoding token for token) and
     /// the fused cross-entropy.
     pub fn at_step(global_step: u64) -> Self {
-        Self { global_step, attention: AttentionImpl::Reference, cross_entropy: CrossEntropyImpl::Fused, activation: ActivationImpl::Fused }
+        Self {
+            global_step,
+            attention: AttentionImpl::Reference,
+            cross_entropy: CrossEntropyImpl::Fused,
+            activation: ActivationImpl::Fused,
+            norm: NormImpl::Fused,
+        }
     }
 
     /// What a run's config asks for at `global_step`.
     pub fn for_run(config: &crate::config::Config, global_step: u64) -> Self {
         let k = &config.kernels;
-        Self { global_step, attention: k.attention, cross_entropy: k.cross_entropy, activation: k.activation }
+        Self { global_step, attention: k.attention, cross_entropy: k.cross_entropy, activation: k.activation, norm: k.norm }
     }
 }
 
@@ -601,7 +610,7 @@ impl Gpt {
             };
             x = block.forward(x, positions, layer, mask, context);
         }
-        self.ln_final.forward(x)
+        self.ln_final.forward(x, context.norm)
     }
 
     /// The LM head as `[vocab, d_model]` (the token embedding when tied).

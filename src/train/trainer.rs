@@ -6,14 +6,14 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use serde_json::json;
 
 use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, REFERENCE_MODEL_FILE, STATE_FILE, TrainerState};
 use super::logging::RunLogger;
 use super::objective::{BatchTensors, PolicyTools, StepInput, objective_at, sft_loss};
-use super::optim::{GradientSum, build_optimizer, learning_rate};
+use super::optim::{GradientSum, ParamOptimizer, learning_rate};
 use crate::config::Config;
 use crate::data::{self, PreparedData, SampleSource};
 use crate::device::device_from_name;
@@ -124,7 +124,7 @@ pub struct Learner {
     pub config: Config,
     pub device: Device,
     pub model: Gpt,
-    pub optimizer: ModuleOptimizer,
+    pub optimizer: ParamOptimizer,
     /// Rewards, tokenizer, encoder and reference policy of sampling objectives.
     pub policy: Option<PolicyTools>,
 }
@@ -133,7 +133,7 @@ impl Learner {
     /// The learner for `model`: AdamW over its parameters (fresh state) and, for a sampling
     /// objective, its policy tools (which decode with `tokenizer`).
     pub fn new(config: Config, device: Device, model: Gpt, tokenizer: Option<&crate::data::TextTokenizer>) -> Result<Self> {
-        let optimizer = build_optimizer(&config.optimizer, &model);
+        let optimizer = ParamOptimizer::new(&config.optimizer, config.kernels.adamw, &model);
         let policy = match (config.objective.kind.samples(), tokenizer) {
             (false, _) => None,
             (true, Some(tokenizer)) => Some(PolicyTools::new(&config, tokenizer.clone())?),
@@ -191,10 +191,11 @@ impl Learner {
             bail!("non-finite gradient norm ({}) at step {}", grads.grad_norm, step + 1);
         }
         let learning_rate = learning_rate(&self.config.optimizer, step, t.max_steps as u64);
-        self.model = self.optimizer.step(learning_rate, self.model.clone(), grads.grads);
+        let grad_norm = grads.grad_norm;
+        self.model = self.optimizer.step(learning_rate, self.model.clone(), grads);
         Ok(StepStats {
             loss: loss_total / t.grad_accum_steps as f64,
-            grad_norm: grads.grad_norm,
+            grad_norm,
             learning_rate,
             tokens,
             metrics,
@@ -311,7 +312,7 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     let mut learner = Learner::new(config, device, model, Some(&data.tokenizer))?;
     if let Some(ckpt) = &latest {
         let path = ckpt.dir.join(OPTIMIZER_FILE);
-        learner.optimizer = learner.optimizer.load(&path).map_err(|e| anyhow::anyhow!("loading {}: {e:?}", path.display()))?;
+        learner.optimizer = learner.optimizer.load(&path)?;
         if let Some(tools) = learner.policy.as_mut().filter(|_| ckpt.dir.join(REFERENCE_MODEL_FILE).exists()) {
             let (_, fresh) = build_model(&learner.config, data.tokenizer.vocab_size(), &reference_device)?;
             tools.reference = Some(crate::weights::load_weights(fresh, &ckpt.dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?);
@@ -516,9 +517,7 @@ impl Loop {
             if let Some(reference) = reference {
                 crate::weights::save_weights(reference, &dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?;
             }
-            optimizer
-                .save(dir.join(OPTIMIZER_FILE))
-                .map_err(|e| anyhow::anyhow!("writing optimizer state: {e:?}"))?;
+            optimizer.save(dir.join(OPTIMIZER_FILE))?;
             crate::weights::write_file_synced(&dir.join(CONFIG_FILE), config.as_bytes())?;
             // Written last: a directory with state.json is complete.
             crate::weights::write_file_synced(&dir.join(STATE_FILE), &state)

@@ -1,8 +1,9 @@
-//! GELU on the CPU (Flex): elementwise, in parallel chunks, each compiled for the widest
-//! vector unit.
+//! The FFN activations on the CPU (Flex): elementwise, in parallel chunks, each compiled for
+//! the widest vector unit.
 
 use rayon::prelude::*;
 
+use super::{Gate, GatedUnit};
 use crate::math::{exp_nonpositive, with_widest_simd};
 
 /// Elements per parallel task.
@@ -42,6 +43,76 @@ fn gelu_and_slope(x: f32, tanh_form: bool) -> (f32, f32) {
     }
 }
 
+/// With `e = e^(−|x|)`, sigmoid is `1/(1+e)` for x ≥ 0 and `e/(1+e)` below, so neither tail
+/// overflows or cancels.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    (if x >= 0.0 { 1.0 } else { e }) / (1.0 + e)
+}
+
+/// `tanh x = sign(x)·(1 − e)/(1 + e)` with `e = e^(−2|x|)`.
+#[inline(always)]
+fn tanh(x: f32) -> f32 {
+    let e = exp_nonpositive(-2.0 * x.abs());
+    ((1.0 - e) / (1.0 + e)).copysign(x)
+}
+
+/// `(g(x), g'(x))` of each gate nonlinearity.
+#[inline(always)]
+fn gate_and_slope(gate: Gate, x: f32) -> (f32, f32) {
+    match gate {
+        Gate::Sigmoid => {
+            let s = sigmoid(x);
+            (s, s * (1.0 - s))
+        }
+        Gate::Tanh => {
+            let t = tanh(x);
+            (t, 1.0 - t * t)
+        }
+        Gate::Silu => {
+            let s = sigmoid(x);
+            (x * s, s + x * s * (1.0 - s))
+        }
+        Gate::Relu => {
+            if x > 0.0 { (x, 1.0) } else { (0.0, 0.0) }
+        }
+        Gate::Gelu => gelu_and_slope(x, false),
+        Gate::GeluTanh => gelu_and_slope(x, true),
+        Gate::Mish => {
+            // tanh(softplus x) = (u² + 2u)/(u² + 2u + 2) with u = eˣ; written in e = e^(−|x|)
+            // (u = 1/e above 0) so that nothing overflows.
+            let e = exp_nonpositive(-x.abs());
+            let (t, s) = if x >= 0.0 {
+                ((1.0 + 2.0 * e) / (1.0 + 2.0 * e + 2.0 * e * e), 1.0 / (1.0 + e))
+            } else {
+                ((e * e + 2.0 * e) / (e * e + 2.0 * e + 2.0), e / (1.0 + e))
+            };
+            (x * t, t + x * (1.0 - t * t) * s)
+        }
+    }
+}
+
+/// A loop over elements that calls a gate's `(g, g')`.
+trait GateLoop {
+    type Output;
+    fn run(self, gate: impl Fn(f32) -> (f32, f32) + Sync + Copy) -> Self::Output;
+}
+
+/// Runs `body` with the gate as a compile-time constant, so each gate gets its own
+/// vectorised loop instead of a branch per element.
+fn with_gate<L: GateLoop>(gate: Gate, body: L) -> L::Output {
+    match gate {
+        Gate::Sigmoid => body.run(|x| gate_and_slope(Gate::Sigmoid, x)),
+        Gate::Tanh => body.run(|x| gate_and_slope(Gate::Tanh, x)),
+        Gate::Silu => body.run(|x| gate_and_slope(Gate::Silu, x)),
+        Gate::Relu => body.run(|x| gate_and_slope(Gate::Relu, x)),
+        Gate::Gelu => body.run(|x| gate_and_slope(Gate::Gelu, x)),
+        Gate::GeluTanh => body.run(|x| gate_and_slope(Gate::GeluTanh, x)),
+        Gate::Mish => body.run(|x| gate_and_slope(Gate::Mish, x)),
+    }
+}
+
 /// GELU of every value.
 pub fn gelu_values(x: &[f32], tanh_form: bool) -> Vec<f32> {
     let mut out = vec![f32::NAN; x.len()]; // poisoned: every element must be written
@@ -69,27 +140,137 @@ pub fn gelu_backward_values(x: &[f32], grad: &[f32], tanh_form: bool) -> Vec<f32
     out
 }
 
+/// `(a', d a'/da)`: the value path of a gated unit.
+#[inline(always)]
+fn value_and_slope(tanh_value: bool, a: f32) -> (f32, f32) {
+    if tanh_value {
+        let t = tanh(a);
+        (t, 1.0 - t * t)
+    } else {
+        (a, 1.0)
+    }
+}
+
+/// `a' ⊙ (α·g(b) + 1 − α)` for every element.
+pub fn gated_unit_values(a: &[f32], b: &[f32], alpha: f32, unit: GatedUnit) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "gated unit: value and gate sizes differ");
+    struct Forward<'a> {
+        a: &'a [f32],
+        b: &'a [f32],
+        alpha: f32,
+        tanh_value: bool,
+    }
+    impl GateLoop for Forward<'_> {
+        type Output = Vec<f32>;
+        fn run(self, gate: impl Fn(f32) -> (f32, f32) + Sync + Copy) -> Vec<f32> {
+            let Forward { a, b, alpha, tanh_value } = self;
+            let mut out = vec![f32::NAN; a.len()]; // poisoned: every element must be written
+            out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+                with_widest_simd(|| {
+                    for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                        *o = value_and_slope(tanh_value, a).0 * (alpha * gate(b).0 + 1.0 - alpha);
+                    }
+                })
+            });
+            out
+        }
+    }
+    with_gate(unit.gate, Forward { a, b, alpha, tanh_value: unit.tanh_value })
+}
+
+/// `(d a, d b, d α)` of the gated unit for the upstream gradient `grad`. dα is summed per
+/// chunk (16 lanes, then f64) and over the chunks in order, so it does not depend on thread
+/// timing.
+pub fn gated_unit_backward_values(a: &[f32], b: &[f32], alpha: f32, grad: &[f32], unit: GatedUnit) -> (Vec<f32>, Vec<f32>, f32) {
+    assert!(a.len() == b.len() && a.len() == grad.len(), "gated unit backward: sizes differ");
+    struct Backward<'a> {
+        a: &'a [f32],
+        b: &'a [f32],
+        grad: &'a [f32],
+        alpha: f32,
+        tanh_value: bool,
+    }
+    impl GateLoop for Backward<'_> {
+        type Output = (Vec<f32>, Vec<f32>, f32);
+        fn run(self, gate: impl Fn(f32) -> (f32, f32) + Sync + Copy) -> Self::Output {
+            let Backward { a, b, grad, alpha, tanh_value } = self;
+            let (mut da, mut db) = (vec![f32::NAN; a.len()], vec![f32::NAN; a.len()]);
+            let partials: Vec<f64> = da
+                .par_chunks_mut(CHUNK)
+                .zip(db.par_chunks_mut(CHUNK))
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(grad.par_chunks(CHUNK)))
+                .map(|((da, db), ((a, b), g))| {
+                    with_widest_simd(|| {
+                        let mut dalpha = [0f32; 16];
+                        for (i, ((((da, db), &a), &b), &g)) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g).enumerate() {
+                            let (v, dv) = value_and_slope(tanh_value, a);
+                            let (gv, dg) = gate(b);
+                            *da = g * dv * (alpha * gv + 1.0 - alpha);
+                            *db = g * v * alpha * dg;
+                            dalpha[i % 16] += g * v * (gv - 1.0);
+                        }
+                        dalpha.iter().map(|&x| x as f64).sum::<f64>()
+                    })
+                })
+                .collect();
+            (da, db, partials.iter().sum::<f64>() as f32)
+        }
+    }
+    with_gate(unit.gate, Backward { a, b, grad, alpha, tanh_value: unit.tanh_value })
+}
+
 mod flex {
     use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::TensorData;
 
-    use super::{gelu_backward_values, gelu_values};
-    use crate::activation::GeluBackend;
+    use super::{gated_unit_backward_values, gated_unit_values, gelu_backward_values, gelu_values};
+    use crate::activation::{ActivationBackend, GatedUnit};
     use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
 
-    impl GeluBackend for Flex {
+    fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    /// The one value of α's `[1]` tensor.
+    fn scalar(alpha: &FlexTensor) -> f32 {
+        let alpha = contiguous(alpha);
+        let v = values(&alpha);
+        assert_eq!(v.len(), 1, "gated unit: α must have one element");
+        v[0]
+    }
+
+    impl ActivationBackend for Flex {
         fn gelu_fused(x: FloatTensor<Self>, tanh: bool) -> FloatTensor<Self> {
             let shape = x.layout().shape().to_vec();
             let x = contiguous(&x);
-            FlexTensor::from_data(TensorData::new(gelu_values(values(&x), tanh), shape))
+            tensor(gelu_values(values(&x), tanh), shape)
         }
 
         fn gelu_fused_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, tanh: bool) -> FloatTensor<Self> {
             let shape = x.layout().shape().to_vec();
             let (x, grad) = (contiguous(&x), contiguous(&grad));
-            FlexTensor::from_data(TensorData::new(gelu_backward_values(values(&x), values(&grad), tanh), shape))
+            tensor(gelu_backward_values(values(&x), values(&grad), tanh), shape)
+        }
+
+        fn gated_unit_fused(a: FloatTensor<Self>, b: FloatTensor<Self>, alpha: FloatTensor<Self>, unit: GatedUnit) -> FloatTensor<Self> {
+            let shape = a.layout().shape().to_vec();
+            let (a, b) = (contiguous(&a), contiguous(&b));
+            tensor(gated_unit_values(values(&a), values(&b), scalar(&alpha), unit), shape)
+        }
+
+        fn gated_unit_fused_backward(
+            a: FloatTensor<Self>,
+            b: FloatTensor<Self>,
+            alpha: FloatTensor<Self>,
+            grad: FloatTensor<Self>,
+            unit: GatedUnit,
+        ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+            let shape = a.layout().shape().to_vec();
+            let (a, b, grad) = (contiguous(&a), contiguous(&b), contiguous(&grad));
+            let (da, db, dalpha) = gated_unit_backward_values(values(&a), values(&b), scalar(&alpha), values(&grad), unit);
+            (tensor(da, shape.clone()), tensor(db, shape), tensor(vec![dalpha], vec![1]))
         }
     }
 }

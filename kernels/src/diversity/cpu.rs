@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::math::with_widest_simd;
+use crate::math::{sum_zip, with_widest_simd};
 
 /// Norms below this count as zero (the reference clamps the same way).
 const NORM_EPS: f32 = 1e-12;
@@ -77,34 +77,16 @@ fn unit_sum(group: &[f32], d: usize, sum: &mut [f32], mut clamped_norm: impl FnM
     self_dots
 }
 
-/// `Σ u_c (s_c − u_c)` with independent partial sums.
+/// `Σ u_c (s_c − u_c)`.
 #[inline(always)]
 fn dot_minus(u: &[f32], s: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (cu, cs) = (u.chunks_exact(LANES), s.chunks_exact(LANES));
-    let tail: f32 = cu.remainder().iter().zip(cs.remainder()).map(|(u, s)| u * (s - u)).sum();
-    for (u, s) in cu.zip(cs) {
-        for l in 0..LANES {
-            acc[l] += u[l] * (s[l] - u[l]);
-        }
-    }
-    tail + acc.iter().sum::<f32>()
+    sum_zip(u, s, |u, s| u * (s - u))
 }
 
-/// `a · b` with independent partial sums, so it vectorises.
+/// `a · b`.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    tail + acc.iter().sum::<f32>()
+    sum_zip(a, b, |x, y| x * y)
 }
 
 mod flex {
