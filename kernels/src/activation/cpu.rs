@@ -103,13 +103,13 @@ trait GateLoop {
 /// vectorised loop instead of a branch per element.
 fn with_gate<L: GateLoop>(gate: Gate, body: L) -> L::Output {
     match gate {
-        Gate::Sigmoid => body.run(|x| gate_and_slope(Gate::Sigmoid, x)),
-        Gate::Tanh => body.run(|x| gate_and_slope(Gate::Tanh, x)),
-        Gate::Silu => body.run(|x| gate_and_slope(Gate::Silu, x)),
-        Gate::Relu => body.run(|x| gate_and_slope(Gate::Relu, x)),
-        Gate::Gelu => body.run(|x| gate_and_slope(Gate::Gelu, x)),
-        Gate::GeluTanh => body.run(|x| gate_and_slope(Gate::GeluTanh, x)),
-        Gate::Mish => body.run(|x| gate_and_slope(Gate::Mish, x)),
+        Gate::Sigmoid => body.run(#[inline(always)] |x| gate_and_slope(Gate::Sigmoid, x)),
+        Gate::Tanh => body.run(#[inline(always)] |x| gate_and_slope(Gate::Tanh, x)),
+        Gate::Silu => body.run(#[inline(always)] |x| gate_and_slope(Gate::Silu, x)),
+        Gate::Relu => body.run(#[inline(always)] |x| gate_and_slope(Gate::Relu, x)),
+        Gate::Gelu => body.run(#[inline(always)] |x| gate_and_slope(Gate::Gelu, x)),
+        Gate::GeluTanh => body.run(#[inline(always)] |x| gate_and_slope(Gate::GeluTanh, x)),
+        Gate::Mish => body.run(#[inline(always)] |x| gate_and_slope(Gate::Mish, x)),
     }
 }
 
@@ -117,7 +117,7 @@ fn with_gate<L: GateLoop>(gate: Gate, body: L) -> L::Output {
 pub fn gelu_values(x: &[f32], tanh_form: bool) -> Vec<f32> {
     let mut out = vec![f32::NAN; x.len()]; // poisoned: every element must be written
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-        with_widest_simd(|| {
+        with_widest_simd(#[inline(always)] || {
             for (o, &x) in o.iter_mut().zip(x) {
                 *o = gelu_and_slope(x, tanh_form).0;
             }
@@ -131,7 +131,7 @@ pub fn gelu_backward_values(x: &[f32], grad: &[f32], tanh_form: bool) -> Vec<f32
     assert_eq!(x.len(), grad.len(), "GELU backward: input and gradient sizes differ");
     let mut out = vec![f32::NAN; x.len()];
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(|(o, (x, g))| {
-        with_widest_simd(|| {
+        with_widest_simd(#[inline(always)] || {
             for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
                 *o = g * gelu_and_slope(x, tanh_form).1;
             }
@@ -166,7 +166,7 @@ pub fn gated_unit_values(a: &[f32], b: &[f32], alpha: f32, unit: GatedUnit) -> V
             let Forward { a, b, alpha, tanh_value } = self;
             let mut out = vec![f32::NAN; a.len()]; // poisoned: every element must be written
             out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
-                with_widest_simd(|| {
+                with_widest_simd(#[inline(always)] || {
                     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
                         *o = value_and_slope(tanh_value, a).0 * (alpha * gate(b).0 + 1.0 - alpha);
                     }
@@ -200,7 +200,7 @@ pub fn gated_unit_backward_values(a: &[f32], b: &[f32], alpha: f32, grad: &[f32]
                 .zip(db.par_chunks_mut(CHUNK))
                 .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(grad.par_chunks(CHUNK)))
                 .map(|((da, db), ((a, b), g))| {
-                    with_widest_simd(|| {
+                    with_widest_simd(#[inline(always)] || {
                         let mut dalpha = [0f32; 16];
                         for (i, ((((da, db), &a), &b), &g)) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g).enumerate() {
                             let (v, dv) = value_and_slope(tanh_value, a);

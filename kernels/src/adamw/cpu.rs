@@ -22,7 +22,7 @@ pub fn adamw_values(param: &[f32], grad: &[f32], moment_1: &[f32], moment_2: &[f
         .zip(m_out.par_chunks_mut(CHUNK).zip(v_out.par_chunks_mut(CHUNK)))
         .zip(param.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)).zip(moment_1.par_chunks(CHUNK).zip(moment_2.par_chunks(CHUNK))))
         .for_each(|((po, (mo, vo)), ((p, g), (m, v)))| {
-            with_widest_simd(|| {
+            with_widest_simd(#[inline(always)] || {
                 for i in 0..po.len() {
                     let g = g[i] * scale;
                     let m = m[i] * beta_1 + g * one_minus_beta_1;

@@ -53,7 +53,7 @@ pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: Flash
             let r0 = t * TILE;
             let rows = lse_tile.len();
             let q_tile = &q[r0 * dim..(r0 + rows) * dim];
-            with_widest_simd(|| forward_tile(q_tile, k, v, &key_mask[b * tk..(b + 1) * tk], r0, s, out_tile, lse_tile));
+            with_widest_simd(#[inline(always)] || forward_tile(q_tile, k, v, &key_mask[b * tk..(b + 1) * tk], r0, s, out_tile, lse_tile));
         });
     });
     (out, lse)
@@ -137,7 +137,7 @@ pub fn flash_backward(
                 lse: &lse[bh * tq..(bh + 1) * tq],
                 d_out: &d_out[qs],
             };
-            with_widest_simd(|| backward_head(&inputs, s, dq, dk, dv));
+            with_widest_simd(#[inline(always)] || backward_head(&inputs, s, dq, dk, dv));
         });
     (dq, dk, dv)
 }

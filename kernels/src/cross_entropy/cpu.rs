@@ -48,7 +48,7 @@ pub fn linear_cross_entropy_cpu(
         loss += z
             .par_chunks_mut(vocab)
             .zip(chunk.par_iter())
-            .map(|(row, &i)| with_widest_simd(|| softmax_row_loss(row, targets[i], weights[i], with_grads)))
+            .map(|(row, &i)| with_widest_simd(#[inline(always)] || softmax_row_loss(row, targets[i], weights[i], with_grads)))
             .sum::<f64>();
         if with_grads {
             let g = &logits[..c * vocab];

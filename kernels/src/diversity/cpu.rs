@@ -14,7 +14,7 @@ pub fn diversity_forward(embeddings: &[f32], groups: usize, n: usize, d: usize) 
         *slot = if n < 2 {
             0.0
         } else {
-            with_widest_simd(|| {
+            with_widest_simd(#[inline(always)] || {
                 let group = &embeddings[g * n * d..(g + 1) * n * d];
                 let mut sum = vec![0f32; d];
                 let self_dots = unit_sum(group, d, &mut sum, |_, _| {});
@@ -38,7 +38,7 @@ pub fn diversity_backward(embeddings: &[f32], grad: &[f32], groups: usize, n: us
             dst.fill(0.0);
             return;
         }
-        with_widest_simd(|| {
+        with_widest_simd(#[inline(always)] || {
             let group = &embeddings[g * n * d..(g + 1) * n * d];
             let mut sum = vec![0f32; d];
             let mut norms = vec![0f32; n];

@@ -18,7 +18,7 @@ pub fn norm_forward_values(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64,
     let mut stats = vec![f32::NAN; 2 * (x.len() / d)];
     let task = ROWS_PER_TASK * d;
     y.par_chunks_mut(task).zip(stats.par_chunks_mut(2 * ROWS_PER_TASK)).zip(x.par_chunks(task)).for_each(|((y, stats), x)| {
-        with_widest_simd(|| {
+        with_widest_simd(#[inline(always)] || {
             for ((y, stat), x) in y.chunks_exact_mut(d).zip(stats.chunks_exact_mut(2)).zip(x.chunks_exact(d)) {
                 let (mean, rstd) = row_stats(x, epsilon, kind);
                 for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
@@ -56,7 +56,7 @@ pub fn norm_backward_values(x: &[f32], gamma: &[f32], stats: &[f32], grad: &[f32
         .par_chunks_mut(task)
         .zip(x.par_chunks(task).zip(grad.par_chunks(task)).zip(stats.par_chunks(2 * ROWS_PER_TASK)))
         .map(|(dx, ((x, grad), stats))| {
-            with_widest_simd(|| {
+            with_widest_simd(#[inline(always)] || {
                 let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
                 for ((dx, x), (dy, stat)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(grad.chunks_exact(d).zip(stats.chunks_exact(2))) {
                     let (mean, rstd) = (stat[0], stat[1]);
