@@ -8,10 +8,12 @@ use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
-use polyburn_kernels::activation::{ActivationImpl, gelu};
+use polyburn_kernels::activation::{ActivationImpl, Gate, GatedUnit, gated_unit, gelu};
+use polyburn_kernels::adamw::{AdamWImpl, AdamWStep, adamw};
 use polyburn_kernels::cross_entropy::{CrossEntropyImpl, linear_cross_entropy};
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 use polyburn_kernels::lcs::{LcsImpl, lcs_groups, lcs_similarity};
+use polyburn_kernels::norm::{NormImpl, NormKind, norm};
 use serde::Serialize;
 
 /// One row of the comparison (`--json` prints an array of these).
@@ -195,6 +197,82 @@ fn bench_gelu(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecor
     }
 }
 
+/// LayerNorm and RMSNorm forward + backward over `[N, 256]` (the bench model's width), with
+/// gradients to the input and the affine parameters.
+fn bench_norm(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (ad, name) = (d.device.clone().autodiff(), d.name);
+    let dim = 256;
+    for &n in &o.cross_entropy_n {
+        ad.seed(n as u64 + 2);
+        let x = Tensor::<2>::random([n, dim], Distribution::Normal(0.5, 2.0), &ad).into_data();
+        let gamma = Tensor::<1>::random([dim], Distribution::Normal(1.0, 0.1), &ad).into_data();
+        let beta = Tensor::<1>::random([dim], Distribution::Normal(0.0, 0.1), &ad).into_data();
+        for (kind, label) in [(NormKind::Layer, "layer_norm"), (NormKind::Rms, "rms_norm")] {
+            let run = |implementation| {
+                let x: Tensor<2> = upload(&x, &ad).require_grad();
+                let g: Tensor<1> = upload(&gamma, &ad).require_grad();
+                let b: Option<Tensor<1>> = (kind == NormKind::Layer).then(|| upload(&beta, &ad).require_grad());
+                let grads = norm(x.clone(), g.clone(), b.clone(), 1e-5, kind, implementation).sum().backward();
+                let _ = x.grad(&grads).expect("gradient").into_data();
+                let _ = g.grad(&grads).expect("gradient").into_data();
+                if let Some(b) = b {
+                    let _ = b.grad(&grads).expect("gradient").into_data();
+                }
+            };
+            let fused = d.time(o.repeats, || run(NormImpl::Fused));
+            let reference = d.time(o.repeats, || run(NormImpl::Reference));
+            out.push(record(label, name, format!("N={n},D={dim}"), fused, reference));
+        }
+    }
+}
+
+/// paGLU's mix `A ⊙ (α·σ(B) + 1 − α)` forward + backward over `[N, 1024]`, learnable α.
+fn bench_gated_unit(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (ad, name) = (d.device.clone().autodiff(), d.name);
+    let unit = GatedUnit { gate: Gate::Sigmoid, tanh_value: false };
+    for &n in &o.cross_entropy_n {
+        ad.seed(n as u64 + 3);
+        let normal = Distribution::Normal(0.0, 1.0);
+        let (a, b) = (Tensor::<2>::random([n, 1024], normal, &ad).into_data(), Tensor::<2>::random([n, 1024], normal, &ad).into_data());
+        let alpha = TensorData::new(vec![0.5f32], [1]);
+        let run = |implementation| {
+            let (a, b): (Tensor<2>, Tensor<2>) = (upload(&a, &ad).require_grad(), upload(&b, &ad).require_grad());
+            let alpha: Tensor<1> = upload(&alpha, &ad).require_grad();
+            let grads = gated_unit(a.clone(), b.clone(), alpha.clone(), unit, implementation).sum().backward();
+            for x in [&a, &b] {
+                let _ = x.grad(&grads).expect("gradient").into_data();
+            }
+            let _ = alpha.grad(&grads).expect("gradient").into_data();
+        };
+        let fused = d.time(o.repeats, || run(ActivationImpl::Fused));
+        let reference = d.time(o.repeats, || run(ActivationImpl::Reference));
+        out.push(record("pagating_paglu", name, format!("N={n},D=1024"), fused, reference));
+    }
+}
+
+/// One AdamW update of the bench model's `[8192, 256]` embedding (moments present, clip
+/// scale ≠ 1).
+fn bench_adamw(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
+    let (device, name) = (&d.device, d.name);
+    device.seed(4);
+    let shape = [8192, 256];
+    let normal = Distribution::Normal(0.0, 1.0);
+    let host = || Tensor::<2>::random(shape, normal, device).into_data();
+    let (param, grad, m) = (host(), host(), host());
+    let v = Tensor::<2>::random(shape, Distribution::Uniform(0.0, 1.0), device).into_data();
+    let step = AdamWStep { learning_rate: 1e-3, beta_1: 0.9, beta_2: 0.95, epsilon: 1e-8, weight_decay: 0.1, time: 10, grad_scale: 0.7 };
+    let run = |implementation| {
+        let moments = Some((upload::<2>(&m, device), upload::<2>(&v, device)));
+        let (p, m, v) = adamw(upload(&param, device), upload(&grad, device), moments, step, implementation);
+        for x in [p, m, v] {
+            let _ = x.into_data();
+        }
+    };
+    let fused = d.time(o.repeats, || run(AdamWImpl::Fused));
+    let reference = d.time(o.repeats, || run(AdamWImpl::Reference));
+    out.push(record("adamw", name, "8192x256".into(), fused, reference));
+}
+
 /// LCS lengths of every pair of 64 groups × 8 sequences (alphabet 64).
 fn bench_lcs(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelRecord>) {
     let (device, name) = (&d.device, d.name);
@@ -235,6 +313,9 @@ pub fn bench_kernels(o: &KernelBenchOptions) -> Result<KernelTable> {
     for d in &devices {
         bench_cross_entropy(d, o, &mut out);
         bench_gelu(d, o, &mut out);
+        bench_gated_unit(d, o, &mut out);
+        bench_norm(d, o, &mut out);
+        bench_adamw(d, o, &mut out);
         bench_diversity(d, o, &mut out);
         bench_lcs(d, o, &mut out);
         bench_attention(d, o, &mut out);

@@ -85,6 +85,35 @@ fn resume_from_an_earlier_checkpoint_relogs_each_step_once() {
     run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--resume"]).ok();
     let steps: Vec<u64> = logged_losses(&out).into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+
+    // TensorBoard too: the first process's step-5 points are in its event file, the resumed
+    // process logs step 5 again; read as TensorBoard reads (SessionLog START purges), each
+    // step shows once, with the resumed run's value.
+    use polyburn::train::logging::{LoggedEvent, read_tensorboard};
+    let shown = read_tensorboard(&out).unwrap();
+    let loss_points: Vec<(u64, f32)> = shown
+        .iter()
+        .filter_map(|e| match e {
+            LoggedEvent::Scalar { tag, step, value } if tag == "train/loss" => Some((*step, *value)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(loss_points.iter().map(|p| p.0).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    for ((step, shown), (logged_step, logged)) in loss_points.iter().zip(logged_losses(&out)) {
+        assert_eq!(*step, logged_step);
+        assert_eq!(*shown, logged as f32, "TensorBoard's step {step} is not the resumed run's");
+    }
+    // The resolved config and the model summary, once, at step 0.
+    let texts: Vec<(&str, u64, &str)> = shown
+        .iter()
+        .filter_map(|e| match e {
+            LoggedEvent::Text { tag, step, text } => Some((tag.as_str(), *step, text.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts.iter().any(|(tag, step, text)| *tag == "config/text_summary" && *step == 0 && text.contains("d_model")));
+    assert!(texts.iter().any(|(tag, step, text)| *tag == "model/text_summary" && *step == 0 && text.contains("params")));
 }
 
 #[test]

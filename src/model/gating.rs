@@ -15,7 +15,7 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Tensor};
 use polyburn_kernels::activation::{ActivationImpl, Gate, GatedUnit, gate_reference, gated_unit, mix_reference, value_reference};
 
-use super::lora::{LoraAdapter, adapted};
+use super::lora::{LoraAdapter, adapted, token_linear};
 use crate::config::{AlphaMode, FfnConfig, FfnUnit, GeluApproximation, LoraConfig, LoraTarget};
 
 /// The elementwise part of a gated unit: its gate nonlinearity g (and paGTU's tanh value path).
@@ -180,8 +180,8 @@ impl GatedFfn {
     pub fn unit(&self, h: Tensor<3>, global_step: u64, implementation: ActivationImpl) -> Tensor<3> {
         let s = &self.settings;
         let unit = gated_unit_of(s.unit, s.approximate);
-        let value = adapted(self.value.forward(h.clone()), &self.lora_up, &h);
-        let gate_input = adapted(self.gate.forward(h.clone()), &self.lora_gate, &h);
+        let value = adapted(token_linear(&self.value, h.clone()), &self.lora_up, &h);
+        let gate_input = adapted(token_linear(&self.gate, h.clone()), &self.lora_gate, &h);
         let alpha = self.alpha_tensor(global_step, &h.device());
         match &self.gate_norm {
             // α·g + (1 − α): at α = 0 the unit is the value path alone.
@@ -193,7 +193,7 @@ impl GatedFfn {
 
     pub fn forward(&self, h: Tensor<3>, global_step: u64, implementation: ActivationImpl) -> Tensor<3> {
         let u = self.unit(h, global_step, implementation);
-        adapted(self.down.forward(u.clone()), &self.lora_down, &u)
+        adapted(token_linear(&self.down, u.clone()), &self.lora_down, &u)
     }
 
     pub fn matmul_params(&self) -> usize {
@@ -253,18 +253,18 @@ mod tests {
         for unit in UNITS {
             let h = input(&device);
             let zero = unit_with(unit, "static_0.0", false, &device);
-            let mut value = zero.value.forward(h.clone());
+            let mut value = token_linear(&zero.value, h.clone());
             if unit == FfnUnit::Pagtu {
                 value = tanh(value);
             }
             zero.unit(h.clone(), 0, ActivationImpl::Reference).into_data().assert_approx_eq::<f32>(&value.into_data(), Default::default());
 
             let one = unit_with(unit, "static_1.0", false, &device);
-            let mut value = one.value.forward(h.clone());
+            let mut value = token_linear(&one.value, h.clone());
             if unit == FfnUnit::Pagtu {
                 value = tanh(value);
             }
-            let gated = value * gate_activation(unit, one.gate.forward(h.clone()), GeluApproximation::None);
+            let gated = value * gate_activation(unit, token_linear(&one.gate, h.clone()), GeluApproximation::None);
             one.unit(h, 0, ActivationImpl::Reference).into_data().assert_approx_eq::<f32>(&gated.into_data(), Default::default());
         }
     }
@@ -301,7 +301,7 @@ mod tests {
         let device = Device::flex();
         for unit in UNITS {
             let ffn = unit_with(unit, "static_1.0", true, &device);
-            let g = gate_activation(unit, ffn.gate.forward(input(&device)), GeluApproximation::None);
+            let g = gate_activation(unit, token_linear(&ffn.gate, input(&device)), GeluApproximation::None);
             // At initialisation the affine part is the identity (γ = 1, β = 0).
             let normed = ffn.gate_norm.as_ref().unwrap().forward(g);
             let rows = normed.into_data().try_to_vec::<f32>().unwrap();

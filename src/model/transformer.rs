@@ -11,7 +11,7 @@ use polyburn_kernels::attention::{AttentionImpl, AttentionOptions, attention};
 use polyburn_kernels::cross_entropy::CrossEntropyImpl;
 
 use super::gating::{GateSettings, GatedFfn, ffn_cost};
-use super::lora::{LoraAdapter, adapted};
+use super::lora::{LoraAdapter, adapted, token_linear};
 use crate::config::{LoraConfig, LoraTarget};
 use super::norm::{Norm, NormKind};
 use crate::config::{FfnConfig, GeluApproximation, ModelConfig};
@@ -324,7 +324,7 @@ impl SelfAttention {
         let [batch, seq, _] = x.dims();
         let HeadShape { n_heads, n_kv_heads, head_dim, rope_theta } = self.shape;
         let heads = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
-        let qkv = self.qkv.forward(x.clone());
+        let qkv = token_linear(&self.qkv, x.clone());
         let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
         let q = adapted(qkv.clone().narrow(2, 0, q_width), &self.lora_q, &x);
         let k = adapted(qkv.clone().narrow(2, q_width, kv_width), &self.lora_k, &x);
@@ -356,7 +356,7 @@ impl SelfAttention {
         }
         let options = AttentionOptions { causal: mask.is_none(), key_padding: None, mask };
         let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
-        adapted(self.out.forward(y.clone()), &self.lora_o, &y)
+        adapted(token_linear(&self.out, y.clone()), &self.lora_o, &y)
     }
 
     fn attach_lora(mut self, c: &LoraConfig, device: &Device) -> Self {
@@ -410,9 +410,9 @@ impl FeedForward {
     fn forward(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
         match self {
             FeedForward::Mlp(m) => {
-                let up = adapted(m.up.forward(x.clone()), &m.lora_up, &x);
+                let up = adapted(token_linear(&m.up, x.clone()), &m.lora_up, &x);
                 let h = gelu(up, m.approximate == GeluApproximation::Tanh, context.activation);
-                adapted(m.down.forward(h.clone()), &m.lora_down, &h)
+                adapted(token_linear(&m.down, h.clone()), &m.lora_down, &h)
             }
             FeedForward::Gated(g) => g.forward(x, context.global_step, context.activation),
         }
@@ -625,7 +625,7 @@ impl Gpt {
     pub fn logits(&self, x: Tensor<3>) -> Tensor<3> {
         let [batch, seq, d_model] = x.dims();
         match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => token_linear(head, x),
             None => {
                 let table = self.token_embedding.weight.val(); // [vocab, d_model]
                 let vocab = table.dims()[0];

@@ -9,13 +9,19 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
-use tensorboard_rs::summary_writer::SummaryWriter;
+use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
+use tensorboard_proto::summary::{Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value};
+use tensorboard_proto::tensor::TensorProto;
+use tensorboard_proto::tensor_shape::{TensorShapeProto, TensorShapeProto_Dim};
+use tensorboard_proto::types::DataType;
+use tensorboard_rs::summary::scalar;
+use tensorboard_rs::summary_writer::FileWriter;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const TENSORBOARD_DIR: &str = "tb";
 
 pub struct RunLogger {
-    tensorboard: SummaryWriter,
+    tensorboard: FileWriter,
     metrics: File,
     progress: ProgressBar,
     /// Plain progress lines instead of a bar (stderr is not a terminal).
@@ -69,11 +75,24 @@ impl RunLogger {
             bar.enable_steady_tick(Duration::from_millis(500));
             bar
         };
-        Ok(Self { tensorboard: SummaryWriter::new(&tb_dir), metrics, progress, plain, quiet })
+        let mut tensorboard = FileWriter::new(&tb_dir);
+        if start_step > 0 {
+            // The previous process may have logged steps past the checkpoint before it died;
+            // they are logged again now. TensorBoard drops every earlier point at or after
+            // a SessionLog START's step (its "purge orphaned data"), so each step shows once.
+            tensorboard.add_event(&session_start(), start_step as usize + 1);
+            tensorboard.flush();
+        }
+        Ok(Self { tensorboard, metrics, progress, plain, quiet })
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: u64) {
-        self.tensorboard.add_scalar(tag, value as f32, step as usize);
+        self.tensorboard.add_summary(scalar(tag, value as f32), step as usize);
+    }
+
+    /// A text summary (TensorBoard's Text tab renders it as Markdown).
+    pub fn text(&mut self, tag: &str, text: &str, step: u64) {
+        self.tensorboard.add_summary(text_summary(tag, text), step as usize);
     }
 
     /// Appends one JSON object to `metrics.jsonl` and flushes it (nothing lost on a crash).
@@ -118,6 +137,87 @@ impl RunLogger {
         self.flush();
         self.progress.finish_and_clear();
     }
+}
+
+fn session_start() -> Event {
+    let mut log = SessionLog::new();
+    log.set_status(SessionLog_SessionStatus::START);
+    let mut event = Event::new();
+    event.set_session_log(log);
+    event
+}
+
+/// The text plugin's summary: a string tensor of one element, tagged `<tag>/text_summary`
+/// as PyTorch's `SummaryWriter.add_text` writes it.
+fn text_summary(tag: &str, text: &str) -> Summary {
+    let mut plugin = SummaryMetadata_PluginData::new();
+    plugin.set_plugin_name("text".into());
+    let mut metadata = SummaryMetadata::new();
+    metadata.set_plugin_data(plugin);
+    let mut dim = TensorShapeProto_Dim::new();
+    dim.set_size(1);
+    let mut shape = TensorShapeProto::new();
+    shape.mut_dim().push(dim);
+    let mut tensor = TensorProto::new();
+    tensor.set_dtype(DataType::DT_STRING);
+    tensor.set_tensor_shape(shape);
+    tensor.mut_string_val().push(text.as_bytes().to_vec());
+    let mut value = Summary_Value::new();
+    value.set_tag(format!("{tag}/text_summary"));
+    value.set_metadata(metadata);
+    value.set_tensor(tensor);
+    let mut summary = Summary::new();
+    summary.mut_value().push(value);
+    summary
+}
+
+/// One event read back from a run's `tb/` files.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoggedEvent {
+    Scalar { tag: String, step: u64, value: f32 },
+    Text { tag: String, step: u64, text: String },
+}
+
+/// What TensorBoard shows for a run directory's `tb/`: every event file in name order (the
+/// order TensorBoard loads them), a SessionLog START at step s discarding the points before it
+/// with step ≥ s (`EventAccumulator`'s purge for file version 2).
+pub fn read_tensorboard(run_dir: &Path) -> Result<Vec<LoggedEvent>> {
+    use protobuf::Message;
+    let dir = run_dir.join(TENSORBOARD_DIR);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("tfevents")))
+        .collect();
+    files.sort();
+    let mut shown: Vec<LoggedEvent> = Vec::new();
+    for file in files {
+        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        let mut at = 0;
+        // TFRecord framing: u64 length, u32 crc of it, the bytes, u32 crc of them.
+        while at + 12 <= bytes.len() {
+            let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+            let Some(data) = bytes.get(at + 12..at + 12 + len) else { break };
+            at += 16 + len;
+            let event = Event::parse_from_bytes(data).with_context(|| format!("a corrupt record in {}", file.display()))?;
+            let step = event.get_step().max(0) as u64;
+            if event.has_session_log() && event.get_session_log().get_status() == SessionLog_SessionStatus::START {
+                shown.retain(|e| match e {
+                    LoggedEvent::Scalar { step: s, .. } | LoggedEvent::Text { step: s, .. } => *s < step,
+                });
+            }
+            for v in event.get_summary().get_value() {
+                let tag = v.get_tag().to_string();
+                if v.has_tensor() {
+                    let text = v.get_tensor().get_string_val().iter().map(|b| String::from_utf8_lossy(b)).collect();
+                    shown.push(LoggedEvent::Text { tag, step, text });
+                } else {
+                    shown.push(LoggedEvent::Scalar { tag, step, value: v.get_simple_value() });
+                }
+            }
+        }
+    }
+    Ok(shown)
 }
 
 #[cfg(test)]

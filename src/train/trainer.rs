@@ -360,6 +360,16 @@ impl Loop {
             ffn_params as i64 - mlp_params as i64,
         );
         self.logger().message(&ffn);
+        if resumed_from.is_none() {
+            // TensorBoard's Text tab at step 0: what this run is, beside its curves.
+            let flops = 6 * self.learner.model.matmul_params();
+            let summary = format!("{text}\n\n{ffn}\n\ntraining FLOPs per token (6 × matmul parameters): {flops}");
+            let config = format!("```yaml\n{}```", self.learner.config.to_yaml());
+            let logger = self.logger();
+            logger.text("config", &config, 0);
+            logger.text("model", &summary, 0);
+            logger.flush();
+        }
     }
 
     /// Early stopping's verdict: why the run should end now, if it should.
