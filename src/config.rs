@@ -192,8 +192,13 @@ pub struct ObjectiveConfig {
     pub n_subsets: usize,
     /// Sentence encoder for semantic diversity: hub id (through the HF cache) or folder.
     pub encoder: String,
-    /// Divide advantages by their standard deviation (within the group / across sets).
+    /// Divide advantages by their standard deviation (within the group / across sets);
+    /// `scale_rewards` says the same more precisely and wins when given.
     pub normalize_advantage: bool,
+    /// What advantages are divided by: the group's std (`group`), the whole batch's reward
+    /// std (`batch`) or nothing (`none`); absent = `group`, or `none` with
+    /// `normalize_advantage: false`.
+    pub scale_rewards: Option<ScaleRewards>,
     /// PPO clipping range ε of the ratio to the sampling policy; 0 turns clipping off.
     pub ppo_clip: f64,
     /// Upper clip range ε_high (DAPO's asymmetric clipping); absent = `ppo_clip`.
@@ -222,6 +227,7 @@ impl Default for ObjectiveConfig {
             n_subsets: 32,
             encoder: DEFAULT_ENCODER.into(),
             normalize_advantage: true,
+            scale_rewards: None,
             ppo_clip: 0.2,
             ppo_clip_high: None,
             loss_type: LossType::Grpo,
@@ -520,6 +526,10 @@ impl Default for OptimizerConfig {
 pub struct TrainingConfig {
     /// Optimizer steps.
     pub max_steps: usize,
+    /// Passes over the training data instead of `max_steps` (one of the two): the run
+    /// resolves it to `ceil(epochs × samples per epoch / samples per step)` steps and saves
+    /// that as `max_steps` in its config.
+    pub epochs: Option<f64>,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step; their gradients are averaged.
@@ -538,6 +548,7 @@ impl Default for TrainingConfig {
     fn default() -> Self {
         Self {
             max_steps: 2000,
+            epochs: None,
             batch_size: 12,
             grad_accum_steps: 1,
             eval_every: 250,
@@ -611,6 +622,11 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
+        let training = value.get("training");
+        let given = |key: &str| training.and_then(|t| t.get(key)).is_some_and(|v| !v.is_null());
+        if given("epochs") && given("max_steps") {
+            return Err(err("training.epochs", "set training.epochs or training.max_steps, not both"));
+        }
         let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let at = if path == "." { source.to_string() } else { path };
@@ -683,6 +699,7 @@ impl Config {
         );
         check(o.max_grad_norm >= 0.0, "optimizer.max_grad_norm", "must be >= 0 (0 turns clipping off)");
         check(t.max_steps > 0, "training.max_steps", "must be > 0");
+        check(t.epochs.is_none_or(|e| e.is_finite() && e > 0.0), "training.epochs", "must be > 0");
         check(t.batch_size > 0, "training.batch_size", "must be > 0");
         check(t.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0");
         check(t.eval_batches > 0, "training.eval_batches", "must be > 0");
@@ -822,6 +839,43 @@ pub enum SetAdvantage {
 }
 
 
+/// `objective.scale_rewards`: what centred advantages are divided by.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    /// Each group's (prompt's) own standard deviation.
+    Group,
+    /// The standard deviation of every reward of the batch (robust to groups of equal rewards).
+    Batch,
+    /// Nothing: advantages are rewards minus the group mean (Dr. GRPO).
+    None,
+}
+
+impl ObjectiveConfig {
+    /// The effective `scale_rewards`.
+    pub fn reward_scaling(&self) -> ScaleRewards {
+        self.scale_rewards.unwrap_or(if self.normalize_advantage { ScaleRewards::Group } else { ScaleRewards::None })
+    }
+
+    /// Settings that are valid but probably not what the user wants.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let two_per_group = match self.kind {
+            ObjectiveType::PolychromicRl => self.n_sets == 2 && self.set_advantage == SetAdvantage::Partition,
+            ObjectiveType::Grpo => self.n_sets * self.n_samples == 2,
+            _ => false,
+        };
+        if self.kind.samples() && two_per_group && self.reward_scaling() == ScaleRewards::Group {
+            out.push(
+                "objective.scale_rewards: `group` with two scores per prompt makes every advantage ±1 \
+                 (or 0), whatever the reward gap; consider `batch` or `none`"
+                    .to_string(),
+            );
+        }
+        out
+    }
+}
+
 /// `objective.loss_type`: how the policy-gradient token terms of a batch are averaged.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -867,6 +921,21 @@ impl OptimizerConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn group_scaling_of_two_scores_per_prompt_is_warned_about() {
+        let mut ob = ObjectiveConfig { kind: ObjectiveType::PolychromicRl, n_sets: 2, set_advantage: SetAdvantage::Partition, ..Default::default() };
+        assert_eq!(ob.warnings().len(), 1);
+        assert!(ob.warnings()[0].contains("objective.scale_rewards"));
+        ob.scale_rewards = Some(ScaleRewards::Batch);
+        assert!(ob.warnings().is_empty());
+        ob.scale_rewards = None;
+        ob.normalize_advantage = false;
+        assert_eq!(ob.reward_scaling(), ScaleRewards::None);
+        assert!(ob.warnings().is_empty());
+        ob = ObjectiveConfig { kind: ObjectiveType::PolychromicRl, n_sets: 4, set_advantage: SetAdvantage::Partition, ..Default::default() };
+        assert!(ob.warnings().is_empty());
+    }
+
     use super::*;
 
     fn parse(yaml: &str, sets: &[&str]) -> Result<Config, ConfigErrors> {

@@ -270,7 +270,7 @@ fn bench_adamw(d: &BenchDevice, o: &KernelBenchOptions, out: &mut Vec<KernelReco
     };
     let fused = d.time(o.repeats, || run(AdamWImpl::Fused));
     let reference = d.time(o.repeats, || run(AdamWImpl::Reference));
-    out.push(record("adamw", name, "8192x256".into(), fused, reference));
+    out.push(record("adamw", name, "param=8192x256".into(), fused, reference));
 }
 
 /// LCS lengths of every pair of 64 groups × 8 sequences (alphabet 64).

@@ -172,7 +172,8 @@ fn bench_kernels_json_records() {
     let r = run(&["bench", "kernels", "--json", "--attention-t", "33", "--diversity-g", "5", "--lcs-l", "9", "--repeats", "1"]).ok();
     let records: Vec<serde_json::Value> = serde_json::from_str(r.stdout().trim()).unwrap();
     let ops: Vec<&str> = records.iter().map(|v| v["op"].as_str().unwrap()).collect();
-    for op in ["pairwise_cosine_diversity", "lcs_similarity", "flash_attention_fwd_bwd", "flash_attention_vs_burn"] {
+    let expected_ops = ["pairwise_cosine_diversity", "lcs_similarity", "flash_attention_fwd_bwd", "flash_attention_vs_burn", "linear_cross_entropy", "gelu", "pagating_paglu", "layer_norm", "rms_norm", "adamw"];
+    for op in expected_ops {
         assert!(ops.contains(&op), "{op} missing from {ops:?}");
     }
     for v in &records {
@@ -249,4 +250,33 @@ fn keep_best_keeps_the_best_evaluation_outside_keep_last_and_best_loads_it() {
     run(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", "training.max_steps=2"]).ok();
     let r = run(&["export", "--run", plain.to_str().unwrap(), "--out", exported.to_str().unwrap(), "--best"]).fails();
     assert!(r.stderr().contains("no best checkpoint"), "{}", r.stderr());
+}
+
+#[test]
+fn training_epochs_resolves_to_steps_and_logs_the_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let text = tiny_text_config(&out).replace("max_steps: 8, ", "epochs: 0.005, ");
+    let config = write_config(tmp.path(), "c.yaml", &text);
+    let r = run(&["train", "--config", config.to_str().unwrap()]).ok();
+    assert!(r.stderr().contains("training.epochs 0.005:"), "{}", r.stderr());
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("epoch").is_some())
+        .collect();
+    let last = records.last().unwrap();
+    let (steps, epoch) = (last["step"].as_u64().unwrap(), last["epoch"].as_f64().unwrap());
+    // The fewest steps that cover 0.005 epochs: one step fewer would not.
+    let per_step = epoch / steps as f64;
+    assert!(epoch >= 0.005 && epoch - per_step < 0.005, "{steps} steps reached epoch {epoch}");
+    assert!(steps > 1, "the test needs a run of several steps ({steps})");
+    let saved = std::fs::read_to_string(out.join("config.yaml")).unwrap();
+    assert!(saved.contains(&format!("max_steps: {steps}")), "{saved}");
+
+    // Both set is an error naming the fields.
+    let both = write_config(tmp.path(), "d.yaml", &tiny_text_config(&tmp.path().join("other")));
+    let r = run(&["train", "--config", both.to_str().unwrap(), "--set", "training.epochs=1"]).fails();
+    assert!(r.stderr().contains("training.epochs: set training.epochs or training.max_steps, not both"), "{}", r.stderr());
 }

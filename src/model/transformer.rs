@@ -337,8 +337,12 @@ impl SelfAttention {
         if let Some((cache, filled)) = cache {
             let end = filled + seq;
             let slots = [0..batch, 0..n_kv_heads, filled..end, 0..head_dim];
-            cache.keys = cache.keys.clone().slice_assign(slots.clone(), k);
-            cache.values = cache.values.clone().slice_assign(slots, v);
+            // Moved out rather than cloned: a buffer nothing else holds is written where it
+            // lies; a cloned (shared) one is copied whole, every layer at every token.
+            let device = k.device();
+            let take = |t: &mut Tensor<4>| std::mem::replace(t, Tensor::empty([0, 0, 0, 0], &device));
+            cache.keys = take(&mut cache.keys).slice_assign(slots.clone(), k);
+            cache.values = take(&mut cache.values).slice_assign(slots, v);
             k = cache.keys.clone().narrow(2, 0, end);
             v = cache.values.clone().narrow(2, 0, end);
         }

@@ -272,6 +272,18 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
             config.data.train.as_ref().map_or(String::new(), |p| p.display().to_string())
         );
     }
+    let epochs_note = match config.training.epochs.take() {
+        Some(epochs) => {
+            let t = &config.training;
+            let per_step = (t.batch_size * t.grad_accum_steps) as f64;
+            let per_epoch = data.train.samples_per_epoch();
+            let steps = ((epochs * per_epoch as f64) / per_step).ceil().max(1.0) as usize;
+            config.training.max_steps = steps;
+            config.validate()?;
+            Some(format!("training.epochs {epochs}: {steps} steps of {per_step} samples ({per_epoch} samples per epoch)"))
+        }
+        None => None,
+    };
     let (gpt, mut model) = build_model(&config, data.tokenizer.vocab_size(), &device)?;
     // The saved config is fully resolved: what the tokenizer, defaults (and a pretrained
     // model) decided is written out.
@@ -320,6 +332,12 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     }
     let mut run = Loop { _lock: lock, learner, run_dir, data, state, logger };
     run.announce(latest.as_ref().map(|c| c.step), &gpt);
+    if let Some(note) = epochs_note {
+        run.logger().message(&note);
+    }
+    for warning in run.learner.config.objective.warnings() {
+        run.logger().message(&format!("warning: {warning}"));
+    }
     run.run(options.stop_at_step)
 }
 
@@ -417,7 +435,9 @@ impl Loop {
 
             if done % t.log_every as u64 == 0 || done == max_steps {
                 let tokens_per_sec = tokens as f64 / step_secs;
+                let epoch = (done * self.learner.samples_per_step()) as f64 / self.data.train.samples_per_epoch().max(1) as f64;
                 let logger = self.logger();
+                logger.scalar("train/epoch", epoch, done);
                 logger.scalar("train/loss", loss, done);
                 logger.scalar("train/lr", lr, done);
                 logger.scalar("train/grad_norm", grad_norm, done);
@@ -425,7 +445,7 @@ impl Loop {
                 logger.scalar("perf/step_ms", step_secs * 1e3, done);
                 let mut record = json!({
                     "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_sec": tokens_per_sec, "step_ms": step_secs * 1e3,
+                    "tokens_per_sec": tokens_per_sec, "step_ms": step_secs * 1e3, "epoch": epoch,
                 });
                 // α in effect for the next step, i.e. after `done` steps.
                 let alphas = self.learner.model.alphas(done);

@@ -9,43 +9,39 @@ use crate::math::with_widest_simd;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
-/// `(parameter, first moment, second moment)` after one update.
-pub fn adamw_values(param: &[f32], grad: &[f32], moment_1: &[f32], moment_2: &[f32], step: AdamWStep) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// One update of `param`, `moment_1` and `moment_2` in place (each element reads and writes
+/// only its own index, so no second buffer is needed).
+pub fn adamw_in_place(param: &mut [f32], grad: &[f32], moment_1: &mut [f32], moment_2: &mut [f32], step: AdamWStep) {
     let n = param.len();
     assert!(grad.len() == n && moment_1.len() == n && moment_2.len() == n, "AdamW: parameter, gradient and moment sizes differ");
     let [scale, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2, correction_1, correction_2, decay] = step.constants();
     let (lr, epsilon) = (step.learning_rate as f32, step.epsilon);
-    // Poisoned: every element must be written.
-    let (mut p_out, mut m_out, mut v_out) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-    p_out
+    param
         .par_chunks_mut(CHUNK)
-        .zip(m_out.par_chunks_mut(CHUNK).zip(v_out.par_chunks_mut(CHUNK)))
-        .zip(param.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK)).zip(moment_1.par_chunks(CHUNK).zip(moment_2.par_chunks(CHUNK))))
-        .for_each(|((po, (mo, vo)), ((p, g), (m, v)))| {
+        .zip(moment_1.par_chunks_mut(CHUNK).zip(moment_2.par_chunks_mut(CHUNK)))
+        .zip(grad.par_chunks(CHUNK))
+        .for_each(|((p, (m, v)), g)| {
             with_widest_simd(#[inline(always)] || {
-                for i in 0..po.len() {
+                for i in 0..p.len() {
                     let g = g[i] * scale;
-                    let m = m[i] * beta_1 + g * one_minus_beta_1;
-                    let v = v[i] * beta_2 + g * g * one_minus_beta_2;
-                    let delta = (m / correction_1) / ((v / correction_2).sqrt() + epsilon);
-                    po[i] = p[i] * decay - delta * lr;
-                    mo[i] = m;
-                    vo[i] = v;
+                    let m_new = m[i] * beta_1 + g * one_minus_beta_1;
+                    let v_new = v[i] * beta_2 + g * g * one_minus_beta_2;
+                    let delta = (m_new / correction_1) / ((v_new / correction_2).sqrt() + epsilon);
+                    p[i] = p[i] * decay - delta * lr;
+                    m[i] = m_new;
+                    v[i] = v_new;
                 }
             })
         });
-    (p_out, m_out, v_out)
 }
 
 mod flex {
     use burn::backend::Flex;
-    use burn::backend::flex::FlexTensor;
     use burn::backend::tensor::FloatTensor;
-    use burn::tensor::TensorData;
 
-    use super::adamw_values;
+    use super::adamw_in_place;
     use crate::adamw::{AdamWBackend, AdamWStep};
-    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
+    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values, writable_f32 as writable};
 
     impl AdamWBackend for Flex {
         fn adamw_fused(
@@ -55,11 +51,12 @@ mod flex {
             moment_2: FloatTensor<Self>,
             step: AdamWStep,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            let shape = param.layout().shape().to_vec();
-            let [p, g, m, v] = [&param, &grad, &moment_1, &moment_2].map(contiguous);
-            let (p, m, v) = adamw_values(values(&p), values(&g), values(&m), values(&v), step);
-            let tensor = |x: Vec<f32>| FlexTensor::from_data(TensorData::new(x, shape.clone()));
-            (tensor(p), tensor(m), tensor(v))
+            // The optimizer owns the moments, so they are normally updated where they lie; a
+            // parameter still shared with the caller's model is copied once (as before).
+            let g = contiguous(&grad);
+            let [mut p, mut m, mut v] = [param, moment_1, moment_2].map(writable);
+            adamw_in_place(p.storage_mut(), values(&g), m.storage_mut(), v.storage_mut(), step);
+            (p, m, v)
         }
     }
 }

@@ -1,9 +1,9 @@
 //! `grpo`: M × N replies per prompt form one group; each reply's advantage is its reward
-//! minus the group mean (÷ the group's std with `objective.normalize_advantage`).
+//! minus the group mean (divided as `objective.scale_rewards` says).
 
 use anyhow::Result;
 
-use super::sampling::{group_advantages, policy_gradient_step, reward_spread_metrics, sample, score};
+use super::sampling::{policy_gradient_step, scaled_advantages, reward_spread_metrics, sample, score};
 use super::{Loss, Objective, StepInput};
 
 pub struct Grpo;
@@ -18,7 +18,7 @@ impl Objective for Grpo {
         let scored = score(tools, &sampled)?;
         // The group's diversity is logged (not trained on), for comparison with polychromic_rl.
         let diversities = tools.diversities(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, &mut sampled.stats)?;
-        let advantages: Vec<f64> = scored.rewards.iter().flat_map(|r| group_advantages(r, ob.normalize_advantage)).collect();
+        let advantages = scaled_advantages(&scored.rewards, ob.reward_scaling());
         sampled.stats.add("train/reward_mean", scored.mean_reward());
         reward_spread_metrics(&scored, &mut sampled.stats);
         sampled.stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len() as f64);

@@ -12,7 +12,8 @@ use anyhow::Result;
 use burn::tensor::Tensor;
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 
-use super::sampling::{ReplyBatch, group_advantages, policy_gradient_step, reply_embeddings, reward_spread_metrics, sample, scalar, score};
+use super::sampling::{ReplyBatch, policy_gradient_step, reply_embeddings, reward_spread_metrics, sample, scalar, scaled_advantages, score};
+use crate::config::ScaleRewards;
 use super::set_advantage::{SetAdvantage, marginal_means_pairwise, marginal_means_sampled, sample_sets_containing_each};
 use crate::diversity::mean_pair_distance;
 use crate::rng::{SplitMix64, Stream, derive_seed};
@@ -63,7 +64,7 @@ impl Objective for PolychromicRl {
                 (per_reply, diversities)
             }
         };
-        let advantages = advantages_by_row(&reply_scores, ob.normalize_advantage);
+        let advantages = advantages_by_row(&reply_scores, ob.reward_scaling());
         let mean_score = reply_scores.iter().flatten().sum::<f64>() / (reply_scores.len() * k).max(1) as f64;
         stats.add("train/set_score", mean_score);
         stats.add("train/reward_mean", scored.mean_reward());
@@ -105,9 +106,9 @@ pub fn policy_diversity(model: &Gpt, batch: &ReplyBatch, n: usize, context: &For
 
 /// The training batch's advantage per row: rows are the prompts' replies, prompt by prompt
 /// in sampling order, and each prompt's reply scores are centred (their mean is the prompt's
-/// mean set score in both modes) and, with `normalize`, divided by their spread.
-pub fn advantages_by_row(reply_scores: &[Vec<f64>], normalize: bool) -> Vec<f64> {
-    reply_scores.iter().flat_map(|scores| group_advantages(scores, normalize)).collect()
+/// mean set score in both modes) and divided as `scale` says.
+pub fn advantages_by_row(reply_scores: &[Vec<f64>], scale: ScaleRewards) -> Vec<f64> {
+    scaled_advantages(reply_scores, scale)
 }
 
 /// Polychromic set scores `f = mean reward × diversity` for each set.
@@ -238,12 +239,12 @@ mod tests {
         let rewards = [vec![0.0, 0.0, 1.0, 0.0], vec![1.0, 0.0, 0.0, 0.0]];
         let d: Vec<f64> = (0..16).map(|i| if i / 4 == i % 4 { 0.0 } else { 1.0 }).collect();
         let marginal: Vec<Vec<f64>> = rewards.iter().map(|r| marginal_means_pairwise(r, &d, 2)).collect();
-        let rows = advantages_by_row(&marginal, true);
+        let rows = advantages_by_row(&marginal, ScaleRewards::Group);
         let positive: Vec<usize> = (0..8).filter(|&i| rows[i] > 0.0).collect();
         assert_eq!(positive, vec![2, 4], "{rows:?}");
         let partition: Vec<Vec<f64>> = rewards.iter().map(|r| set_scores(&[r[..2].to_vec(), r[2..].to_vec()], &[1.0, 1.0])).collect();
         let per_reply: Vec<Vec<f64>> = partition.iter().map(|s| s.iter().flat_map(|&f| [f, f]).collect()).collect();
-        let rows = advantages_by_row(&per_reply, false);
+        let rows = advantages_by_row(&per_reply, ScaleRewards::None);
         assert_eq!(rows, vec![-0.25, -0.25, 0.25, 0.25, 0.25, 0.25, -0.25, -0.25]);
         assert_eq!(partition_advantages(&partition[0], 2), rows[..4].to_vec());
     }

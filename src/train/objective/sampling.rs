@@ -165,6 +165,24 @@ pub fn policy_gradient_loss(
     }
 }
 
+/// Advantages of a batch of groups, row by row: each reward minus its group's mean, divided
+/// as `scale` says (by the group's std, by the std of every reward in the batch, or not).
+pub fn scaled_advantages(groups: &[Vec<f64>], scale: crate::config::ScaleRewards) -> Vec<f64> {
+    use crate::config::ScaleRewards;
+    match scale {
+        ScaleRewards::Group => groups.iter().flat_map(|g| group_advantages(g, true)).collect(),
+        ScaleRewards::None => groups.iter().flat_map(|g| group_advantages(g, false)).collect(),
+        ScaleRewards::Batch => {
+            let all: Vec<f64> = groups.iter().flatten().copied().collect();
+            let n = all.len().max(1) as f64;
+            let mean = all.iter().sum::<f64>() / n;
+            let std = (all.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let centred = groups.iter().flat_map(|g| group_advantages(g, false));
+            centred.map(|a| if std > 1e-8 { a / std } else { a }).collect()
+        }
+    }
+}
+
 /// Group-relative advantages: `r − mean(group)`, divided by the group's std when asked.
 pub fn group_advantages(rewards: &[f64], normalize: bool) -> Vec<f64> {
     let n = rewards.len() as f64;
@@ -415,6 +433,24 @@ pub(crate) fn scalar(t: &Tensor<1>) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reward_scaling_divides_by_the_group_the_batch_or_nothing() {
+        use crate::config::ScaleRewards;
+        // Two prompts: one with a wide reward spread, one narrow.
+        let groups = vec![vec![0.0, 4.0], vec![1.0, 1.5]];
+        assert_eq!(super::scaled_advantages(&groups, ScaleRewards::None), vec![-2.0, 2.0, -0.25, 0.25]);
+        assert_eq!(super::scaled_advantages(&groups, ScaleRewards::Group), vec![-1.0, 1.0, -1.0, 1.0]);
+        // Batch: mean 1.625, std of all four rewards.
+        let all = [0.0f64, 4.0, 1.0, 1.5];
+        let std = (all.iter().map(|r| (r - 1.625).powi(2)).sum::<f64>() / 4.0).sqrt();
+        let batch = super::scaled_advantages(&groups, ScaleRewards::Batch);
+        for (got, want) in batch.iter().zip([-2.0 / std, 2.0 / std, -0.25 / std, 0.25 / std]) {
+            assert!((got - want).abs() < 1e-12, "{batch:?}");
+        }
+        // All rewards equal: no division by zero.
+        assert_eq!(super::scaled_advantages(&[vec![1.0, 1.0]], ScaleRewards::Batch), vec![0.0, 0.0]);
+    }
+
     use super::*;
     use burn::tensor::activation::log_softmax;
 
