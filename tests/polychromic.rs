@@ -61,6 +61,18 @@ fn grpo_with_kl_penalty_resumes_exactly() {
     for key in ["perf/generate_ms", "perf/forward_ms", "perf/backward_ms", "perf/diversity_ms"] {
         assert_eq!(metric_series(&straight, key).len(), 4, "{key}");
     }
+    // samples.jsonl: a few replies per sampling step with their rewards, the same after a
+    // resume (the resumed process drops what the first logged past its checkpoint).
+    let samples = |dir: &std::path::Path| std::fs::read_to_string(dir.join("samples.jsonl")).unwrap();
+    let written = samples(&straight);
+    assert_eq!(written, samples(&resumed), "samples.jsonl differs after resume");
+    let records: Vec<serde_json::Value> = written.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps: std::collections::BTreeSet<u64> = records.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps.len(), 4, "one group of samples per sampling step: {steps:?}");
+    for r in &records {
+        assert!(r["prompt"].as_str().is_some_and(|p| !p.is_empty()), "{r}");
+        assert!(r["reply"].is_string() && r["reward"].as_f64().is_some_and(f64::is_finite), "{r}");
+    }
 }
 
 #[test]

@@ -18,11 +18,16 @@ use tensorboard_rs::summary::scalar;
 use tensorboard_rs::summary_writer::FileWriter;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// Sampled replies with their rewards, a few per log step (sampling objectives only).
+pub const SAMPLES_FILE: &str = "samples.jsonl";
 pub const TENSORBOARD_DIR: &str = "tb";
 
 pub struct RunLogger {
     tensorboard: FileWriter,
     metrics: File,
+    /// Opened at the first sample (SFT runs write none).
+    samples: Option<File>,
+    samples_path: PathBuf,
     progress: ProgressBar,
     /// Plain progress lines instead of a bar (stderr is not a terminal).
     plain: bool,
@@ -54,6 +59,8 @@ impl RunLogger {
     pub fn open(run_dir: &Path, start_step: u64, max_steps: u64, quiet: bool) -> Result<Self> {
         let metrics_path = run_dir.join(METRICS_FILE);
         truncate_metrics(&metrics_path, start_step)?;
+        let samples_path = run_dir.join(SAMPLES_FILE);
+        truncate_metrics(&samples_path, start_step)?;
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -83,7 +90,7 @@ impl RunLogger {
             tensorboard.add_event(&session_start(), start_step as usize + 1);
             tensorboard.flush();
         }
-        Ok(Self { tensorboard, metrics, progress, plain, quiet })
+        Ok(Self { tensorboard, metrics, samples: None, samples_path, progress, plain, quiet })
     }
 
     pub fn scalar(&mut self, tag: &str, value: f64, step: u64) {
@@ -99,6 +106,27 @@ impl RunLogger {
     pub fn record(&mut self, record: Value) -> Result<()> {
         writeln!(self.metrics, "{record}").context("writing metrics.jsonl")?;
         self.metrics.flush().context("flushing metrics.jsonl")
+    }
+
+    /// Appends `samples` to `samples.jsonl` as `{"step", "prompt", "reply", "reward"}` lines.
+    pub fn samples(&mut self, step: u64, samples: &[crate::train::objective::sampling::ReplySample]) -> Result<()> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        if self.samples.is_none() {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.samples_path)
+                .with_context(|| format!("opening {}", self.samples_path.display()))?;
+            self.samples = Some(file);
+        }
+        let file = self.samples.as_mut().expect("just opened");
+        for s in samples {
+            let line = serde_json::json!({"step": step, "prompt": s.prompt, "reply": s.reply, "reward": s.reward});
+            writeln!(file, "{line}").context("writing samples.jsonl")?;
+        }
+        file.flush().context("flushing samples.jsonl")
     }
 
     /// Advances the bar; off a terminal, prints one line per call instead.

@@ -10,6 +10,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::Device;
 use serde_json::json;
 
+use super::objective::sampling::ReplySample;
 use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, REFERENCE_MODEL_FILE, STATE_FILE, TrainerState};
 use super::logging::RunLogger;
 use super::objective::{BatchTensors, PolicyTools, StepInput, objective_at, sft_loss};
@@ -116,6 +117,8 @@ pub struct StepStats {
     pub tokens: usize,
     /// Objective-specific measurements (`train/reward_mean`, `perf/generate_ms`, ...).
     pub metrics: Vec<(&'static str, f64)>,
+    /// A few sampled replies with their rewards (sampling objectives).
+    pub samples: Vec<ReplySample>,
 }
 
 /// The model and its optimizer: one optimizer step at a time. Shared by the training loop
@@ -157,6 +160,7 @@ impl Learner {
         let mut loss_total = 0.0;
         let mut tokens = 0;
         let mut metrics = Vec::new();
+        let mut samples = Vec::new();
         let objective = objective_at(&self.config, step);
         let sampling = objective.samples();
         for micro in 0..t.grad_accum_steps {
@@ -172,6 +176,7 @@ impl Learner {
             };
             let out = objective.loss(input)?;
             metrics.extend(out.metrics);
+            samples.extend(out.samples);
             tokens += out.tokens;
             let loss = out.loss;
             let value = loss.clone().into_scalar::<f32>() as f64;
@@ -199,6 +204,7 @@ impl Learner {
             learning_rate,
             tokens,
             metrics,
+            samples,
         })
     }
 }
@@ -417,7 +423,7 @@ impl Loop {
             }
             let step = self.state.global_step;
             let started = Instant::now();
-            let StepStats { loss, grad_norm, learning_rate: lr, tokens, metrics } =
+            let StepStats { loss, grad_norm, learning_rate: lr, tokens, metrics, samples } =
                 self.learner.step(&mut self.data.train, step).map_err(|e| {
                     e.context(format!(
                         "stopping without writing a checkpoint; the last good one is kept. Lower \
@@ -461,6 +467,7 @@ impl Loop {
                     record[*name] = json!(value);
                 }
                 logger.record(record)?;
+                logger.samples(done, &samples)?;
                 logger.progress(done, max_steps, &format!("loss {loss:.4}  {tokens_per_sec:.0} tok/s"));
             } else {
                 self.logger().tick(done);

@@ -16,6 +16,7 @@ impl Objective for Grpo {
         let mut sampled = sample(&mut input, group)?;
         let tools = input.tools()?;
         let scored = score(tools, &sampled)?;
+        sampled.stats.keep_samples(&sampled.examples, &scored);
         // The group's diversity is logged (not trained on), for comparison with polychromic_rl.
         let diversities = tools.diversities(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, &mut sampled.stats)?;
         let advantages = scaled_advantages(&scored.rewards, ob.reward_scaling());

@@ -50,6 +50,8 @@ pub struct Loss {
     pub tokens: usize,
     /// Objective-specific measurements (`train/reward_mean`, `perf/generate_ms`, ...).
     pub metrics: Vec<(&'static str, f64)>,
+    /// Sampled replies to record in `samples.jsonl` (sampling objectives).
+    pub samples: Vec<sampling::ReplySample>,
 }
 
 pub trait Objective {

@@ -32,6 +32,7 @@ impl Objective for PolychromicRl {
         let step = input.step;
         let tools = input.tools()?;
         let scored = score(tools, &sampled)?;
+        sampled.stats.keep_samples(&sampled.examples, &scored);
         let k = sets * set_size;
         let stats = &mut sampled.stats;
         // Per prompt: each reply's set score (its set's under `partition`, its marginal under
@@ -92,7 +93,7 @@ impl Objective for PolychromicRegularized {
         stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
         stats.add("train/quality_loss", scalar(&quality));
         stats.add("train/diversity", scalar(&diversity));
-        Ok(Loss { loss, tokens, metrics: sampled.stats.metrics })
+        Ok(Loss { loss, tokens, metrics: sampled.stats.metrics, samples: sampled.stats.samples })
     }
 }
 

@@ -195,6 +195,33 @@ pub fn group_advantages(rewards: &[f64], normalize: bool) -> Vec<f64> {
 #[derive(Debug, Default, Clone)]
 pub struct SamplingStats {
     pub metrics: Vec<(&'static str, f64)>,
+    /// A few of the step's replies with their rewards (the run's `samples.jsonl`).
+    pub samples: Vec<ReplySample>,
+}
+
+/// One sampled reply as `samples.jsonl` records it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReplySample {
+    pub prompt: String,
+    pub reply: String,
+    pub reward: f64,
+}
+
+/// Replies of the first prompt kept per step for `samples.jsonl`.
+const SAMPLES_PER_STEP: usize = 4;
+
+impl SamplingStats {
+    /// Keeps the first prompt's first few replies and their rewards.
+    pub fn keep_samples(&mut self, examples: &[Example], scored: &Scored) {
+        let (Some(example), Some(texts), Some(rewards)) = (examples.first(), scored.texts.first(), scored.rewards.first()) else { return };
+        let prompt = example.record.as_ref().map_or(String::new(), |r| r.prompt.clone());
+        self.samples = texts
+            .iter()
+            .zip(rewards)
+            .take(SAMPLES_PER_STEP)
+            .map(|(reply, &reward)| ReplySample { prompt: prompt.clone(), reply: reply.clone(), reward })
+            .collect();
+    }
 }
 
 impl SamplingStats {
@@ -413,7 +440,7 @@ pub fn policy_gradient_step(input: &mut StepInput, sampled: Sampled, advantages:
     stats.add("train/reply_length_max", lengths.iter().copied().fold(0.0, f64::max));
     stats.add("train/truncated_fraction", truncated.iter().filter(|&&t| t).count() as f64 / truncated.len().max(1) as f64);
     let loss = pg.loss;
-    Ok(Loss { loss, tokens: sampled.batch.tokens(), metrics: stats.metrics })
+    Ok(Loss { loss, tokens: sampled.batch.tokens(), metrics: stats.metrics, samples: stats.samples })
 }
 
 /// `train/reward_std` and `train/zero_spread_fraction` (prompts whose replies all scored the

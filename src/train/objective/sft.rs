@@ -48,7 +48,7 @@ impl Objective for Sft {
         let tokens = batch.batch_size * batch.seq_len;
         let context = ForwardContext::for_run(input.config, input.step);
         let loss = sft_loss(input.model, &BatchTensors::new(&batch, input.device), &context);
-        Ok(Loss { loss, tokens, metrics: Vec::new() })
+        Ok(Loss { loss, tokens, metrics: Vec::new(), samples: Vec::new() })
     }
 
     fn samples(&self) -> bool {
