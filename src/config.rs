@@ -921,21 +921,6 @@ impl OptimizerConfig {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn group_scaling_of_two_scores_per_prompt_is_warned_about() {
-        let mut ob = ObjectiveConfig { kind: ObjectiveType::PolychromicRl, n_sets: 2, set_advantage: SetAdvantage::Partition, ..Default::default() };
-        assert_eq!(ob.warnings().len(), 1);
-        assert!(ob.warnings()[0].contains("objective.scale_rewards"));
-        ob.scale_rewards = Some(ScaleRewards::Batch);
-        assert!(ob.warnings().is_empty());
-        ob.scale_rewards = None;
-        ob.normalize_advantage = false;
-        assert_eq!(ob.reward_scaling(), ScaleRewards::None);
-        assert!(ob.warnings().is_empty());
-        ob = ObjectiveConfig { kind: ObjectiveType::PolychromicRl, n_sets: 4, set_advantage: SetAdvantage::Partition, ..Default::default() };
-        assert!(ob.warnings().is_empty());
-    }
-
     use super::*;
 
     fn parse(yaml: &str, sets: &[&str]) -> Result<Config, ConfigErrors> {
@@ -1009,5 +994,20 @@ mod tests {
         let c = parse("data: {train: x}\nmodel: {d_ff: 100}", &[]).unwrap();
         let again = parse(&c.to_yaml(), &[]).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn group_scaling_of_two_scores_per_prompt_is_warned_about() {
+        let mut ob = ObjectiveConfig { kind: ObjectiveType::PolychromicRl, n_sets: 2, set_advantage: SetAdvantage::Partition, ..Default::default() };
+        assert_eq!(ob.warnings().len(), 1);
+        assert!(ob.warnings()[0].contains("objective.scale_rewards"));
+        ob.scale_rewards = Some(ScaleRewards::Batch);
+        assert!(ob.warnings().is_empty());
+        ob.scale_rewards = None;
+        ob.normalize_advantage = false;
+        assert_eq!(ob.reward_scaling(), ScaleRewards::None);
+        assert!(ob.warnings().is_empty());
+        ob = ObjectiveConfig { kind: ObjectiveType::PolychromicRl, n_sets: 4, set_advantage: SetAdvantage::Partition, ..Default::default() };
+        assert!(ob.warnings().is_empty());
     }
 }

@@ -15,13 +15,12 @@ pub(crate) fn f32_values(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32")
 }
 
-/// `t` as a tensor whose buffer the caller may overwrite: `t` itself when its buffer holds
-/// exactly its values in row-major order and nothing else shares it, else a fresh copy.
+/// `t` as a tensor whose buffer holds exactly its values in row-major order, ready for
+/// `storage_mut` (which copies the buffer only if something else still shares it).
 pub(crate) fn writable_f32(t: FlexTensor) -> FlexTensor {
     assert_eq!(t.dtype(), DType::F32, "the fused CPU kernels compute in f32");
     let layout = t.layout();
-    let whole = layout.is_contiguous() && layout.start_offset() == 0 && t.bytes().len() == layout.num_elements() * 4;
-    if whole && t.is_unique() {
+    if layout.is_contiguous() && layout.start_offset() == 0 && t.bytes().len() == layout.num_elements() * 4 {
         return t;
     }
     let shape = layout.shape().to_vec();

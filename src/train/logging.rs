@@ -37,7 +37,7 @@ pub struct RunLogger {
 
 /// Keeps only the records at or before `step`: a run resumed from an earlier checkpoint
 /// re-logs the later steps, and each step must appear once.
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+fn truncate_jsonl(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
@@ -58,9 +58,9 @@ impl RunLogger {
     /// Opens the logs of `run_dir` for a run that starts (or resumes) at `start_step`.
     pub fn open(run_dir: &Path, start_step: u64, max_steps: u64, quiet: bool) -> Result<Self> {
         let metrics_path = run_dir.join(METRICS_FILE);
-        truncate_metrics(&metrics_path, start_step)?;
+        truncate_jsonl(&metrics_path, start_step)?;
         let samples_path = run_dir.join(SAMPLES_FILE);
-        truncate_metrics(&samples_path, start_step)?;
+        truncate_jsonl(&samples_path, start_step)?;
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -257,7 +257,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(METRICS_FILE);
         std::fs::write(&path, "{\"step\":1,\"loss\":3}\n{\"step\":2,\"eval_loss\":2}\n{\"step\":3,\"loss\":1}\n").unwrap();
-        truncate_metrics(&path, 2).unwrap();
+        truncate_jsonl(&path, 2).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(!text.contains("\"step\":3"));

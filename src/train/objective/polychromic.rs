@@ -13,7 +13,6 @@ use burn::tensor::Tensor;
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 
 use super::sampling::{ReplyBatch, policy_gradient_step, reply_embeddings, reward_spread_metrics, sample, scalar, scaled_advantages, score};
-use crate::config::ScaleRewards;
 use super::set_advantage::{SetAdvantage, marginal_means_pairwise, marginal_means_sampled, sample_sets_containing_each};
 use crate::diversity::mean_pair_distance;
 use crate::rng::{SplitMix64, Stream, derive_seed};
@@ -65,7 +64,9 @@ impl Objective for PolychromicRl {
                 (per_reply, diversities)
             }
         };
-        let advantages = advantages_by_row(&reply_scores, ob.reward_scaling());
+        // One row per reply, prompt by prompt in sampling order; each prompt's reply scores are
+        // centred (their mean is the prompt's mean set score in both modes).
+        let advantages = scaled_advantages(&reply_scores, ob.reward_scaling());
         let mean_score = reply_scores.iter().flatten().sum::<f64>() / (reply_scores.len() * k).max(1) as f64;
         stats.add("train/set_score", mean_score);
         stats.add("train/reward_mean", scored.mean_reward());
@@ -105,13 +106,6 @@ pub fn policy_diversity(model: &Gpt, batch: &ReplyBatch, n: usize, context: &For
     pairwise_cosine_diversity(e.reshape([rows / n, n, width]), implementation).mean()
 }
 
-/// The training batch's advantage per row: rows are the prompts' replies, prompt by prompt
-/// in sampling order, and each prompt's reply scores are centred (their mean is the prompt's
-/// mean set score in both modes) and divided as `scale` says.
-pub fn advantages_by_row(reply_scores: &[Vec<f64>], scale: ScaleRewards) -> Vec<f64> {
-    scaled_advantages(reply_scores, scale)
-}
-
 /// Polychromic set scores `f = mean reward × diversity` for each set.
 pub fn set_scores(rewards: &[Vec<f64>], diversities: &[f64]) -> Vec<f64> {
     rewards.iter().zip(diversities).map(|(r, d)| r.iter().sum::<f64>() / r.len() as f64 * d).collect()
@@ -124,6 +118,7 @@ fn sets_of<T: Clone>(groups: &[Vec<T>], size: usize) -> Vec<Vec<T>> {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::ScaleRewards;
     use std::path::Path;
 
     use super::*;
@@ -240,12 +235,12 @@ mod tests {
         let rewards = [vec![0.0, 0.0, 1.0, 0.0], vec![1.0, 0.0, 0.0, 0.0]];
         let d: Vec<f64> = (0..16).map(|i| if i / 4 == i % 4 { 0.0 } else { 1.0 }).collect();
         let marginal: Vec<Vec<f64>> = rewards.iter().map(|r| marginal_means_pairwise(r, &d, 2)).collect();
-        let rows = advantages_by_row(&marginal, ScaleRewards::Group);
+        let rows = scaled_advantages(&marginal, ScaleRewards::Group);
         let positive: Vec<usize> = (0..8).filter(|&i| rows[i] > 0.0).collect();
         assert_eq!(positive, vec![2, 4], "{rows:?}");
         let partition: Vec<Vec<f64>> = rewards.iter().map(|r| set_scores(&[r[..2].to_vec(), r[2..].to_vec()], &[1.0, 1.0])).collect();
         let per_reply: Vec<Vec<f64>> = partition.iter().map(|s| s.iter().flat_map(|&f| [f, f]).collect()).collect();
-        let rows = advantages_by_row(&per_reply, ScaleRewards::None);
+        let rows = scaled_advantages(&per_reply, ScaleRewards::None);
         assert_eq!(rows, vec![-0.25, -0.25, 0.25, 0.25, 0.25, 0.25, -0.25, -0.25]);
         assert_eq!(partition_advantages(&partition[0], 2), rows[..4].to_vec());
     }

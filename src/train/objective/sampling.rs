@@ -460,24 +460,6 @@ pub(crate) fn scalar(t: &Tensor<1>) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn reward_scaling_divides_by_the_group_the_batch_or_nothing() {
-        use crate::config::ScaleRewards;
-        // Two prompts: one with a wide reward spread, one narrow.
-        let groups = vec![vec![0.0, 4.0], vec![1.0, 1.5]];
-        assert_eq!(super::scaled_advantages(&groups, ScaleRewards::None), vec![-2.0, 2.0, -0.25, 0.25]);
-        assert_eq!(super::scaled_advantages(&groups, ScaleRewards::Group), vec![-1.0, 1.0, -1.0, 1.0]);
-        // Batch: mean 1.625, std of all four rewards.
-        let all = [0.0f64, 4.0, 1.0, 1.5];
-        let std = (all.iter().map(|r| (r - 1.625).powi(2)).sum::<f64>() / 4.0).sqrt();
-        let batch = super::scaled_advantages(&groups, ScaleRewards::Batch);
-        for (got, want) in batch.iter().zip([-2.0 / std, 2.0 / std, -0.25 / std, 0.25 / std]) {
-            assert!((got - want).abs() < 1e-12, "{batch:?}");
-        }
-        // All rewards equal: no division by zero.
-        assert_eq!(super::scaled_advantages(&[vec![1.0, 1.0]], ScaleRewards::Batch), vec![0.0, 0.0]);
-    }
-
     use super::*;
     use burn::tensor::activation::log_softmax;
 
@@ -566,5 +548,23 @@ mod tests {
         assert_eq!(mask, vec![0., 0., 1., 1., 1., 1., 0., 0., 0., 0.]);
         let targets: Vec<i64> = batch.tensors.targets.into_data().convert::<i64>().try_into_vec().unwrap();
         assert_eq!(targets, vec![6, 7, 8, 9, 2, 8, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn reward_scaling_divides_by_the_group_the_batch_or_nothing() {
+        use crate::config::ScaleRewards;
+        // Two prompts: one with a wide reward spread, one narrow.
+        let groups = vec![vec![0.0, 4.0], vec![1.0, 1.5]];
+        assert_eq!(super::scaled_advantages(&groups, ScaleRewards::None), vec![-2.0, 2.0, -0.25, 0.25]);
+        assert_eq!(super::scaled_advantages(&groups, ScaleRewards::Group), vec![-1.0, 1.0, -1.0, 1.0]);
+        // Batch: mean 1.625, std of all four rewards.
+        let all = [0.0f64, 4.0, 1.0, 1.5];
+        let std = (all.iter().map(|r| (r - 1.625).powi(2)).sum::<f64>() / 4.0).sqrt();
+        let batch = super::scaled_advantages(&groups, ScaleRewards::Batch);
+        for (got, want) in batch.iter().zip([-2.0 / std, 2.0 / std, -0.25 / std, 0.25 / std]) {
+            assert!((got - want).abs() < 1e-12, "{batch:?}");
+        }
+        // All rewards equal: no division by zero.
+        assert_eq!(super::scaled_advantages(&[vec![1.0, 1.0]], ScaleRewards::Batch), vec![0.0, 0.0]);
     }
 }
