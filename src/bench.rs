@@ -15,6 +15,18 @@ use crate::train::trainer::{Learner, init_model};
 
 pub struct TrainBenchOptions {
     pub timed_steps: usize,
+    /// Also time the same steps with `training.gradient_checkpointing` on (the other side off).
+    pub compare_gradient_checkpointing: bool,
+}
+
+/// The same benchmark steps with per-block recomputation (`bench train --gradient-checkpointing`).
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointingComparison {
+    pub tokens_per_sec: f64,
+    pub step_ms: f64,
+    pub peak_bytes: Option<usize>,
+    /// Its step time ÷ the step time without recomputation.
+    pub time_ratio: f64,
 }
 
 /// `polyburn bench train` results (`--json` prints this object).
@@ -42,6 +54,9 @@ pub struct TrainBenchReport {
     /// Peak live heap bytes during the timed steps above the level before them (the
     /// `polyburn` binary's counting allocator; absent in library use).
     pub peak_bytes: Option<usize>,
+    /// `training.gradient_checkpointing` of the steps above.
+    pub gradient_checkpointing: bool,
+    pub with_gradient_checkpointing: Option<CheckpointingComparison>,
 }
 
 impl fmt::Display for TrainBenchReport {
@@ -60,7 +75,20 @@ impl fmt::Display for TrainBenchReport {
             writeln!(f, "  peak memory       {:>12.1} MiB (above the model and optimizer)", p as f64 / (1 << 20) as f64)?;
         }
         writeln!(f, "  MFU               {:>12.1} %", self.mfu * 100.0)?;
-        write!(f, "  MFU vs model shapes {:>9.1} %", self.mfu_vs_model_shapes * 100.0)
+        write!(f, "  MFU vs model shapes {:>9.1} %", self.mfu_vs_model_shapes * 100.0)?;
+        if let Some(c) = &self.with_gradient_checkpointing {
+            let mib = |p: Option<usize>| p.map_or("-".to_string(), |p| format!("{:.1} MiB", p as f64 / (1 << 20) as f64));
+            write!(
+                f,
+                "\n  with gradient checkpointing: {:.1} tokens/s, {:.1} ms/step ({:.2}x the time), peak {} (vs {})",
+                c.tokens_per_sec,
+                c.step_ms,
+                c.time_ratio,
+                mib(c.peak_bytes),
+                mib(self.peak_bytes)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -97,31 +125,65 @@ pub fn model_shape_matmul_gflops(gpt: &crate::model::GptConfig, m: usize, device
     flops / secs / 1e9
 }
 
-/// Times whole optimizer steps of `config`'s model on random tokens, then the backend's
-/// matmul throughput, and relates the two.
-pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<TrainBenchReport> {
-    const WARMUP_STEPS: usize = 2;
-    let vocab = config.model.vocab_size.unwrap_or(8192);
-    let gpt = crate::model::GptConfig::from_model_config(&config.model, vocab, config.training.max_steps as u64);
-    let device = device_from_name(&config.run.device)?;
-    let train_device = device.clone().autodiff();
-    let model = init_model(&gpt, config.run.seed, &train_device);
-    let matmul_params = model.matmul_params();
-    let mut learner = Learner::new(config.clone(), train_device, model, None)?;
+/// The timed steps of one learner: tokens per step, median step seconds, peak heap bytes.
+struct TimedSteps {
+    tokens_per_step: usize,
+    step_secs: f64,
+    peak_bytes: Option<usize>,
+}
 
-    let steps = WARMUP_STEPS + options.timed_steps.max(1);
+/// Times `timed_steps` optimizer steps (after warm-up) of a fresh model of `config` on random
+/// tokens.
+fn time_train_steps(config: &Config, gpt: &crate::model::GptConfig, timed_steps: usize) -> Result<TimedSteps> {
+    const WARMUP_STEPS: usize = 2;
+    let vocab = gpt.vocab_size;
+    let train_device = device_from_name(&config.run.device)?.autodiff();
+    let model = init_model(gpt, config.run.seed, &train_device);
+    let mut learner = Learner::new(config.clone(), train_device, model, None)?;
+    let steps = WARMUP_STEPS + timed_steps;
     let n_tokens = steps * learner.samples_per_step() as usize * (gpt.context_length + 1) + gpt.context_length + 1;
     let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::Shuffle, u64::MAX));
     let tokens: Vec<u32> = (0..n_tokens).map(|_| rng.below(vocab as u64) as u32).collect();
     let mut source = SampleSource::new(TokenCorpus::Stream(tokens), gpt.context_length, config.run.seed, false)?;
-
-    let timed = time_runs(WARMUP_STEPS, options.timed_steps.max(1), |step| {
+    let timed = time_runs(WARMUP_STEPS, timed_steps, |step| {
         let (stats, peak) = crate::memory::measure_peak(|| learner.step(&mut source, step as u64));
         stats.map(|s| (s.tokens, peak))
     })?;
-    let tokens_per_step = timed.results.last().map_or(0, |r| r.0);
-    let peak_bytes = timed.results.iter().map(|r| r.1).max().flatten();
-    let step_secs = timed.median_ms() / 1e3;
+    Ok(TimedSteps {
+        tokens_per_step: timed.results.last().map_or(0, |r| r.0),
+        peak_bytes: timed.results.iter().map(|r| r.1).max().flatten(),
+        step_secs: timed.median_ms() / 1e3,
+    })
+}
+
+/// Times whole optimizer steps of `config`'s model on random tokens, then the backend's
+/// matmul throughput, and relates the two.
+pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<TrainBenchReport> {
+    let vocab = config.model.vocab_size.unwrap_or(8192);
+    let gpt = crate::model::GptConfig::from_model_config(&config.model, vocab, config.training.max_steps as u64);
+    let device = device_from_name(&config.run.device)?;
+    let matmul_params = init_model(&gpt, config.run.seed, &device).matmul_params();
+    let timed_steps = options.timed_steps.max(1);
+    let mut plain = config.clone();
+    if options.compare_gradient_checkpointing {
+        plain.training.gradient_checkpointing = false;
+    }
+    let main = time_train_steps(&plain, &gpt, timed_steps)?;
+    let with_gradient_checkpointing = match options.compare_gradient_checkpointing {
+        false => None,
+        true => {
+            let mut recomputing = config.clone();
+            recomputing.training.gradient_checkpointing = true;
+            let c = time_train_steps(&recomputing, &gpt, timed_steps)?;
+            Some(CheckpointingComparison {
+                tokens_per_sec: c.tokens_per_step as f64 / c.step_secs,
+                step_ms: c.step_secs * 1e3,
+                peak_bytes: c.peak_bytes,
+                time_ratio: c.step_secs / main.step_secs,
+            })
+        }
+    };
+    let TimedSteps { tokens_per_step, step_secs, peak_bytes } = main;
     let tokens_per_sec = tokens_per_step as f64 / step_secs;
     let matmul_size = 2048;
     let gflops = matmul_gflops(&device, matmul_size, 5);
@@ -142,6 +204,8 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
         cross_entropy: serde_yaml::to_string(&config.kernels.cross_entropy)?.trim().to_string(),
         context_length: gpt.context_length,
         peak_bytes,
+        gradient_checkpointing: plain.training.gradient_checkpointing,
+        with_gradient_checkpointing,
     })
 }
 

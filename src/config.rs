@@ -209,6 +209,10 @@ pub struct ObjectiveConfig {
     pub mask_truncated: bool,
     /// β of the KL penalty to the initial policy (the model when sampling starts); 0 = off.
     pub kl_beta: f64,
+    /// μ: optimizer updates per batch of sampled replies (GRPO's inner iterations). With
+    /// μ > 1 the ratio to the sampling policy and its clipping take effect from the second
+    /// update on; the replies are sampled on the first step of each cycle of μ.
+    pub num_iterations: usize,
     pub sampling: SamplingConfig,
     /// Weighted sum of these rewards scores each reply.
     pub rewards: Vec<RewardConfig>,
@@ -233,6 +237,7 @@ impl Default for ObjectiveConfig {
             loss_type: LossType::Grpo,
             mask_truncated: false,
             kl_beta: 0.0,
+            num_iterations: 1,
             sampling: SamplingConfig::default(),
             rewards: vec![RewardConfig { kind: RewardKind::Verifier, weight: 1.0, min_chars: None, max_chars: None }],
         }
@@ -542,6 +547,14 @@ pub struct TrainingConfig {
     /// improvement of at least `early_stopping_threshold` in eval loss; 0 = never.
     pub early_stopping_patience: usize,
     pub early_stopping_threshold: f64,
+    /// Every this many steps (and at the end), sample `eval_generate_samples` replies to each
+    /// held-out prompt and log pass@1, pass@n, coverage@n and diversity under `eval/`
+    /// (prompt/reply JSONL data); 0 = off.
+    pub eval_generate_every: usize,
+    pub eval_generate_samples: usize,
+    /// Keep only each block's input in the forward and recompute one block at a time in the
+    /// backward (less memory, one more forward of the blocks); `sft` only.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainingConfig {
@@ -556,6 +569,9 @@ impl Default for TrainingConfig {
             log_every: 10,
             early_stopping_patience: 0,
             early_stopping_threshold: 0.0,
+            eval_generate_every: 0,
+            eval_generate_samples: 10,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -704,8 +720,14 @@ impl Config {
         check(t.grad_accum_steps > 0, "training.grad_accum_steps", "must be > 0");
         check(t.eval_batches > 0, "training.eval_batches", "must be > 0");
         check(t.log_every > 0, "training.log_every", "must be > 0");
+        check(t.eval_generate_samples > 0, "training.eval_generate_samples", "must be > 0");
         check(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0");
         let ob = &self.objective;
+        check(
+            !t.gradient_checkpointing || ob.kind == ObjectiveType::Sft,
+            "training.gradient_checkpointing",
+            &format!("only the sft objective recomputes activations; objective.type is {:?}", ob.kind),
+        );
         if ob.kind.samples() {
             check(ob.n_samples >= 2, "objective.n_samples", "must be >= 2 (diversity and group baselines need pairs)");
             check(
@@ -726,6 +748,7 @@ impl Config {
                 ),
             );
             check(ob.n_subsets >= 1, "objective.n_subsets", "must be >= 1");
+            check(ob.num_iterations >= 1, "objective.num_iterations", "must be >= 1 (optimizer updates per batch of sampled replies)");
             check(
                 t.grad_accum_steps == 1,
                 "training.grad_accum_steps",
@@ -852,6 +875,25 @@ pub enum ScaleRewards {
 }
 
 impl ObjectiveConfig {
+    /// Optimizer updates per batch of data: μ for the sampling objective's steps, 1 for
+    /// `sft` and the warm start.
+    fn updates_per_batch(&self) -> u64 {
+        if self.kind.samples() { self.num_iterations.max(1) as u64 } else { 1 }
+    }
+
+    /// The step that drew the data (and sampled the replies) that step `step` trains on: the
+    /// first step of its cycle of `num_iterations` updates.
+    pub fn batch_step(&self, step: u64) -> u64 {
+        let (sft, mu) = (self.sft_steps as u64, self.updates_per_batch());
+        if step < sft { step } else { sft + (step - sft) / mu * mu }
+    }
+
+    /// Batches of data drawn by the steps before `step`.
+    pub fn batches_before(&self, step: u64) -> u64 {
+        let (sft, mu) = (self.sft_steps as u64, self.updates_per_batch());
+        if step <= sft { step } else { sft + (step - sft).div_ceil(mu) }
+    }
+
     /// The effective `scale_rewards`.
     pub fn reward_scaling(&self) -> ScaleRewards {
         self.scale_rewards.unwrap_or(if self.normalize_advantage { ScaleRewards::Group } else { ScaleRewards::None })
@@ -865,6 +907,13 @@ impl ObjectiveConfig {
             ObjectiveType::Grpo => self.n_sets * self.n_samples == 2,
             _ => false,
         };
+        if self.kind.samples() && self.num_iterations > 1 && self.ppo_clip == 0.0 {
+            out.push(format!(
+                "objective.num_iterations: {} updates per sample batch with objective.ppo_clip 0 leave the ratio to the \
+                 sampling policy unclipped",
+                self.num_iterations
+            ));
+        }
         if self.kind.samples() && two_per_group && self.reward_scaling() == ScaleRewards::Group {
             out.push(
                 "objective.scale_rewards: `group` with two scores per prompt makes every advantage ±1 \
@@ -926,6 +975,20 @@ mod tests {
     fn parse(yaml: &str, sets: &[&str]) -> Result<Config, ConfigErrors> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
         Config::from_yaml_str(yaml, "test.yaml", &sets)
+    }
+
+    #[test]
+    fn num_iterations_cycles_start_after_the_warm_start_and_draw_one_batch_each() {
+        let ob = ObjectiveConfig { kind: ObjectiveType::Grpo, sft_steps: 2, num_iterations: 3, ..Default::default() };
+        let batch_steps: Vec<u64> = (0..9).map(|s| ob.batch_step(s)).collect();
+        assert_eq!(batch_steps, vec![0, 1, 2, 2, 2, 5, 5, 5, 8]);
+        let drawn: Vec<u64> = (0..10).map(|s| ob.batches_before(s)).collect();
+        assert_eq!(drawn, vec![0, 1, 2, 3, 3, 3, 4, 4, 4, 5]);
+        // sft draws a batch every step whatever num_iterations says.
+        let sft = ObjectiveConfig { num_iterations: 3, ..Default::default() };
+        assert_eq!((0..5).map(|s| sft.batches_before(s)).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+        let e = parse("data: {train: x.txt}\nobjective: {type: grpo, num_iterations: 0}", &[]).unwrap_err();
+        assert!(e.to_string().contains("objective.num_iterations"), "{e}");
     }
 
     #[test]

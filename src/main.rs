@@ -234,6 +234,10 @@ enum BenchCommand {
         /// Training attention: `fused` or `reference` (sets kernels.attention).
         #[arg(long)]
         attention: Option<String>,
+        /// Also time the steps with training.gradient_checkpointing (per-block recomputation)
+        /// and report its peak memory and time against the plain steps.
+        #[arg(long)]
+        gradient_checkpointing: bool,
     },
     /// Every fused op against its reference over a size sweep: median time and peak memory.
     Kernels {
@@ -327,7 +331,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval { run, k, samples, json, step, best, encoder, temperature, seed } => {
             let step = requested_step(&run, step, best)?;
             let encoder = (encoder != "none").then_some(encoder);
-            eval_command(&run, polyburn::eval::EvalOptions { k, samples, step, encoder, temperature, seed }, json)
+            let sampling = polyburn::eval::HeldOutOptions { k, samples, temperature, seed };
+            eval_command(&run, polyburn::eval::EvalOptions { sampling, step, encoder }, json)
         }
         Command::Export { run, out, step, best, merge } => export_command(&run, &out, requested_step(&run, step, best)?, merge),
         Command::Sweep { sweep, jobs, output_dir, overrides, report, list } => {
@@ -358,7 +363,7 @@ fn eval_command(run: &Path, options: polyburn::eval::EvalOptions, json: bool) ->
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", report.markdown(run));
+        print!("{}", report.markdown(&run.display().to_string()));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -438,12 +443,13 @@ fn tokenizer_command(inputs: &[PathBuf], kind: TokenizerKind, vocab_size: usize,
 
 fn bench_command(command: BenchCommand) -> Result<ExitCode> {
     match command {
-        BenchCommand::Train { config, mut overrides, steps, json, attention } => {
+        BenchCommand::Train { config, mut overrides, steps, json, attention, gradient_checkpointing } => {
             if let Some(a) = attention {
                 overrides.push(format!("kernels.attention={a}"));
             }
             let config = Config::load(&config, &overrides)?;
-            print_report(&bench::bench_train(&config, &TrainBenchOptions { timed_steps: steps })?, json)
+            let options = TrainBenchOptions { timed_steps: steps, compare_gradient_checkpointing: gradient_checkpointing };
+            print_report(&bench::bench_train(&config, &options)?, json)
         }
         BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, cross_entropy_n, repeats } => {
             let options = polyburn::kernel_bench::KernelBenchOptions { attention_t, diversity_g, lcs_l, cross_entropy_n, repeats: repeats.max(1) };

@@ -20,6 +20,9 @@ pub enum Stream {
     Sampling = 6,
     /// The random sets of `polychromic_rl`'s sampled marginal advantages.
     SetSampling = 7,
+    /// Replies sampled by the held-out evaluation during training (the same every time, so
+    /// the curve compares checkpoints, not draws).
+    EvalSampling = 8,
 }
 
 /// SplitMix64 finaliser: a strong 64-bit mix, good enough to derive independent seeds.

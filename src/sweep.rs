@@ -292,6 +292,9 @@ pub struct RunSummary {
     pub final_alpha: Vec<f64>,
     /// `(step, eval_loss)` for the plot.
     pub eval_curve: Vec<(u64, f64)>,
+    /// The last held-out sampling evaluation (`training.eval_generate_every`): `eval/pass@1`,
+    /// `eval/coverage@10`, ... in logged order.
+    pub final_generation_eval: Vec<(String, f64)>,
 }
 
 fn summarize(run: &SweepRun, axes: &[String]) -> Result<RunSummary> {
@@ -313,6 +316,7 @@ fn summarize(run: &SweepRun, axes: &[String]) -> Result<RunSummary> {
         wall_seconds: None,
         final_alpha: Vec::new(),
         eval_curve: Vec::new(),
+        final_generation_eval: Vec::new(),
     };
     let metrics = run.dir.join(crate::train::logging::METRICS_FILE);
     let mut tps = Vec::new();
@@ -329,6 +333,10 @@ fn summarize(run: &SweepRun, axes: &[String]) -> Result<RunSummary> {
             }
             if let Some(a) = v.get("alpha").and_then(|a| a.as_array()) {
                 s.final_alpha = a.iter().filter_map(|x| x.as_f64()).collect();
+            }
+            if let Some(record) = v.as_object().filter(|o| o.contains_key("eval/pass@1")) {
+                s.final_generation_eval =
+                    record.iter().filter(|(k, _)| k.starts_with("eval/")).filter_map(|(k, x)| Some((k.clone(), x.as_f64()?))).collect();
             }
             if let Some(e) = v.get("eval_loss").and_then(|e| e.as_f64()) {
                 s.final_eval_loss = Some(e);
@@ -375,9 +383,25 @@ pub fn write_report(sweep: &Sweep) -> Result<Vec<RunSummary>> {
         ]);
         c
     };
+    // The held-out sampling metrics any run logged, each a column.
+    let mut eval_keys: Vec<String> = Vec::new();
+    for (k, _) in rows.iter().flat_map(|r| &r.final_generation_eval) {
+        if !eval_keys.contains(k) {
+            eval_keys.push(k.clone());
+        }
+    }
+    let eval_value = |r: &RunSummary, key: &str| r.final_generation_eval.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+    let cells = |r: &RunSummary, digits: usize| {
+        let mut c = cells(r, digits);
+        c.extend(eval_keys.iter().map(|k| opt(eval_value(r, k), digits)));
+        c
+    };
     let columns = ["steps", "final_train_loss", "final_eval_loss", "best_eval_loss", "best_eval_step", "tokens_per_sec", "wall_seconds", "final_alpha"];
-    let header: Vec<String> =
-        std::iter::once("run".to_string()).chain(sweep.axes.iter().cloned()).chain(columns.iter().map(|c| c.to_string())).collect();
+    let header: Vec<String> = std::iter::once("run".to_string())
+        .chain(sweep.axes.iter().cloned())
+        .chain(columns.iter().map(|c| c.to_string()))
+        .chain(eval_keys.iter().cloned())
+        .collect();
 
     let mut csv = header.join(",") + "\n";
     for r in &rows {
@@ -396,6 +420,7 @@ pub fn write_report(sweep: &Sweep) -> Result<Vec<RunSummary>> {
     for r in sorted {
         md.push_str(&format!("| {} |\n", cells(r, 4).join(" | ")));
     }
+    md.push_str(&over_seeds(sweep, &rows, &eval_keys));
     md.push_str("\nEval-loss curves: `eval_loss.png`. Per-run logs: `<run>/metrics.jsonl`, `<run>/tb/`, `<run>/train.log`.\n");
     crate::weights::write_file_atomic(&sweep.output_dir.join("summary.md"), md.as_bytes())?;
     let curves: Vec<Series> = rows.iter().map(|r| Series { name: r.name.clone(), points: r.eval_curve.clone() }).collect();
@@ -403,9 +428,89 @@ pub fn write_report(sweep: &Sweep) -> Result<Vec<RunSummary>> {
     Ok(rows)
 }
 
+/// With `run.seed` on the grid: per combination of the other axes, mean ± std over the seeds
+/// of the final eval loss and of each held-out sampling metric (empty without a seed axis).
+fn over_seeds(sweep: &Sweep, rows: &[RunSummary], eval_keys: &[String]) -> String {
+    let Some(seed_axis) = sweep.axes.iter().position(|a| a == "run.seed") else { return String::new() };
+    let others: Vec<usize> = (0..sweep.axes.len()).filter(|&i| i != seed_axis).collect();
+    let mut groups: Vec<(Vec<String>, Vec<&RunSummary>)> = Vec::new();
+    for r in rows {
+        let key: Vec<String> = others.iter().map(|&i| r.values[i].clone()).collect();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(r),
+            None => groups.push((key, vec![r])),
+        }
+    }
+    let metrics: Vec<String> = std::iter::once("final_eval_loss".to_string()).chain(eval_keys.iter().cloned()).collect();
+    let value = |r: &RunSummary, m: &str| match m {
+        "final_eval_loss" => r.final_eval_loss,
+        key => r.final_generation_eval.iter().find(|(k, _)| k == key).map(|(_, v)| *v),
+    };
+    let mut header: Vec<String> = others.iter().map(|&i| sweep.axes[i].clone()).collect();
+    header.push("seeds".into());
+    header.extend(metrics.iter().cloned());
+    let mut md = format!(
+        "\n## Over seeds\n\nMean ± standard deviation over the `run.seed` values of each run's final evaluation \
+         (runs that have not logged a metric are left out of its cell).\n\n| {} |\n|{}\n",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    );
+    for (key, members) in &groups {
+        let mut cells = key.clone();
+        cells.push(members.len().to_string());
+        for m in &metrics {
+            let v: Vec<f64> = members.iter().filter_map(|r| value(r, m)).collect();
+            cells.push(match v.len() {
+                0 => "-".into(),
+                n => {
+                    let mean = v.iter().sum::<f64>() / n as f64;
+                    let std = if n > 1 { (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
+                    format!("{mean:.3} ± {std:.3} (n={n})")
+                }
+            });
+        }
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn summary(name: &str, objective: &str, seed: &str, pass1: Option<f64>) -> RunSummary {
+        RunSummary {
+            name: name.into(),
+            values: vec![objective.into(), seed.into()],
+            steps: 10,
+            final_train_loss: None,
+            final_eval_loss: Some(1.0),
+            best_eval_loss: None,
+            best_eval_step: None,
+            tokens_per_sec: None,
+            wall_seconds: None,
+            final_alpha: Vec::new(),
+            eval_curve: Vec::new(),
+            final_generation_eval: pass1.map(|p| vec![("eval/pass@1".to_string(), p)]).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn report_over_seeds_gives_mean_and_std_per_objective() {
+        let sweep = Sweep { base: "b.yaml".into(), output_dir: "out".into(), axes: vec!["objective.type".into(), "run.seed".into()], runs: vec![] };
+        let rows = vec![
+            summary("a1", "grpo", "1", Some(0.2)),
+            summary("a2", "grpo", "2", Some(0.4)),
+            summary("b1", "polychromic_rl", "1", Some(0.5)),
+            summary("b2", "polychromic_rl", "2", None),
+        ];
+        let md = over_seeds(&sweep, &rows, &["eval/pass@1".to_string()]);
+        // grpo: mean 0.3, sample std √0.02 = 0.141.
+        assert!(md.contains("| grpo | 2 | 1.000 ± 0.000 (n=2) | 0.300 ± 0.141 (n=2) |"), "{md}");
+        assert!(md.contains("| polychromic_rl | 2 | 1.000 ± 0.000 (n=2) | 0.500 ± 0.000 (n=1) |"), "{md}");
+        let no_seeds = Sweep { axes: vec!["objective.type".into()], ..sweep };
+        assert_eq!(over_seeds(&no_seeds, &rows, &[]), "");
+    }
 
     #[test]
     fn run_names_follow_grid_values() {

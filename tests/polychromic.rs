@@ -75,6 +75,43 @@ fn grpo_with_kl_penalty_resumes_exactly() {
     }
 }
 
+/// `objective.num_iterations: 2`: every sample batch trains two updates (the second with a
+/// real ratio, so a tiny clip range clips), and a run stopped inside a cycle resumes on the
+/// saved replies bit for bit.
+#[test]
+fn num_iterations_reuses_each_sample_batch_and_resumes_inside_a_cycle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = ", num_iterations: 2, ppo_clip: 1.0e-4, kl_beta: 0.05";
+    let (straight_cfg, straight) = demo_config(tmp.path(), "straight", "polychromic_rl", extra);
+    let (resumed_cfg, resumed) = demo_config(tmp.path(), "resumed", "polychromic_rl", extra);
+    run(&["train", "--config", straight_cfg.to_str().unwrap(), "--quiet"]).ok();
+    run(&["train", "--config", resumed_cfg.to_str().unwrap(), "--quiet", "--stop-at-step", "3"]).ok();
+    assert!(resumed.join("checkpoints/step-3/rollouts.json").exists(), "the cycle sampled at step 3 continues at step 4");
+    assert!(!straight.join("checkpoints/step-4/rollouts.json").exists(), "step 5 starts a new cycle");
+    run(&["resume", resumed.to_str().unwrap(), "--quiet"]).ok();
+    let (a, b) = (tensors(&straight.join("checkpoints/step-6/model.safetensors")), tensors(&resumed.join("checkpoints/step-6/model.safetensors")));
+    assert!(a == b, "weights differ after resume");
+    for key in ["loss", "train/reward_mean", "train/kl", "train/clip_fraction", "train/entropy", "train/rollout_iteration"] {
+        assert_eq!(metric_series(&straight, key), metric_series(&resumed, key), "{key} differs after resume");
+    }
+    assert_eq!(metric_series(&straight, "train/rollout_iteration"), vec![0.0, 1.0, 0.0, 1.0]);
+    assert_eq!(metric_series(&straight, "perf/generate_ms").len(), 2, "one sampling pass per cycle");
+    assert_eq!(metric_series(&straight, "train/reward_mean").len(), 4, "every update logs the rewards it trains on");
+    let clip = metric_series(&straight, "train/clip_fraction");
+    assert!(clip[0] == 0.0 && clip[2] == 0.0, "the first update's ratio is 1: {clip:?}");
+    assert!(clip[1] > 0.0 && clip[3] > 0.0, "the second update's ratio has moved past 1 ± 1e-4: {clip:?}");
+    let entropy = metric_series(&straight, "train/entropy");
+    assert!(entropy.iter().all(|&e| e > 0.0 && e.is_finite()), "{entropy:?}");
+    // Both updates of a cycle train on the same replies (logged under their own steps).
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(straight.join("samples.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of_step = |step: u64| records.iter().filter(|r| r["step"] == step).map(|r| (r["prompt"].clone(), r["reply"].clone())).collect::<Vec<_>>();
+    assert!(!of_step(3).is_empty());
+    assert_eq!(of_step(3), of_step(4));
+    assert_eq!(of_step(5), of_step(6));
+    assert_ne!(of_step(3), of_step(5), "a new cycle samples new prompts");
+}
+
 #[test]
 fn polychromic_rl_with_semantic_diversity_and_regularized_objective_train() {
     let tmp = tempfile::tempdir().unwrap();
@@ -149,11 +186,18 @@ fn generate_n_replies_and_eval_report() {
     }
     assert!(v["semantic_diversity"].is_null());
     assert_eq!(v["prompts"], 23);
+    // Every metric has its standard error over the prompts under the same key in `stderr`.
+    let se = &v["stderr"];
+    let mut errors: Vec<f64> = ["distinct_2", "self_bleu", "reward_mean"].iter().map(|k| se[k].as_f64().unwrap()).collect();
+    errors.extend(["1", "2", "4"].iter().flat_map(|k| [se["pass_at"][k].as_f64().unwrap(), se["coverage_at"][k].as_f64().unwrap()]));
+    assert!(errors.iter().all(|e| e.is_finite() && *e >= 0.0), "{se}");
+    assert!(errors.iter().any(|&e| e > 0.0), "23 prompts do not all score alike: {se}");
+    assert!(se["semantic_diversity"].is_null());
     let with_encoder = run(&["eval", "--run", dir, "--k", "1", "--samples", "2", "--json"]).ok().stdout();
     let s = serde_json::from_str::<serde_json::Value>(with_encoder.trim()).unwrap()["semantic_diversity"].as_f64().unwrap();
     assert!((0.0..=2.0).contains(&s), "{s}");
     let markdown = run(&["eval", "--run", dir, "--k", "1,4", "--samples", "4", "--encoder", "none"]).ok().stdout();
-    assert!(markdown.contains("| pass@4 |") && markdown.contains("coverage@1"), "{markdown}");
+    assert!(markdown.contains("| pass@4 |") && markdown.contains("coverage@1") && markdown.contains(" ± "), "{markdown}");
     let bad = run(&["eval", "--run", dir, "--k", "5", "--samples", "4"]).fails();
     assert!(bad.stderr().contains("--k 5"), "{}", bad.stderr());
 }

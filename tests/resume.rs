@@ -57,6 +57,26 @@ fn resumed_run_continues_the_alpha_schedule() {
 }
 
 #[test]
+fn gradient_checkpointing_resumes_exactly_and_trains_like_the_stored_activation_backward() {
+    assert_resume_is_exact(&["training.gradient_checkpointing=true"]);
+    // Without dropout both backwards compute the same function's gradient: the same losses
+    // over 8 steps up to float rounding.
+    let tmp = tempfile::tempdir().unwrap();
+    let losses = |name: &str, checkpointing: bool| {
+        let out = tmp.path().join(name);
+        let cfg = write_config(tmp.path(), &format!("{name}.yaml"), &tiny_text_config(&out));
+        let flag = format!("training.gradient_checkpointing={checkpointing}");
+        run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", "model.dropout=0.0", "--set", &flag]).ok();
+        logged_losses(&out)
+    };
+    let (plain, recomputed) = (losses("plain", false), losses("recomputed", true));
+    assert_eq!(plain.len(), 8);
+    for ((step, a), (_, b)) in plain.iter().zip(&recomputed) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "step {step}: {a} vs {b}");
+    }
+}
+
+#[test]
 fn fine_tuning_a_pretrained_llama_resumes_exactly() {
     let llama = repo_root().join("tests/fixtures/tiny-llama");
     assert_resume_is_exact(&[&format!("model.pretrained={}", llama.display())]);

@@ -594,19 +594,14 @@ impl Gpt {
         mut cache: Option<(&mut KvCache, Tensor<4, Bool>)>,
         context: &ForwardContext,
     ) -> Tensor<3> {
-        let [batch, seq] = tokens.dims();
+        let seq = tokens.dims()[1];
         let max_position = positions.ids.iter().copied().max().unwrap_or(0);
         assert!(
             seq <= self.context_length && max_position < self.context_length,
             "sequence of {seq} tokens (positions up to {max_position}) exceeds the model's context_length {}",
             self.context_length
         );
-        let device = tokens.device();
-        let mut x = self.token_embedding.forward(tokens);
-        if let Some(table) = &self.position_embedding {
-            x = x + table.forward(positions.tensor(batch, &device));
-        }
-        let mut x = self.dropout.forward(x);
+        let mut x = self.embed_at(tokens, positions);
         for (i, block) in self.blocks.iter().enumerate() {
             let (layer, mask) = match cache.as_mut() {
                 Some((c, mask)) => (Some((&mut c.layers[i], c.len)), Some(mask.clone())),
@@ -614,6 +609,37 @@ impl Gpt {
             };
             x = block.forward(x, positions, layer, mask, context);
         }
+        self.ln_final.forward(x, context.norm)
+    }
+
+    /// Token (and position) embeddings with dropout: the first block's input.
+    fn embed_at(&self, tokens: Tensor<2, Int>, positions: &Positions) -> Tensor<3> {
+        let (batch, device) = (tokens.dims()[0], tokens.device());
+        let mut x = self.token_embedding.forward(tokens);
+        if let Some(table) = &self.position_embedding {
+            x = x + table.forward(positions.tensor(batch, &device));
+        }
+        self.dropout.forward(x)
+    }
+
+    /// [`Gpt::hidden`] in pieces, for recomputing one block at a time in the backward
+    /// (`training.gradient_checkpointing`): `final_norm(block(n − 1, … block(0, embed(t))))`.
+    pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let seq = tokens.dims()[1];
+        self.embed_at(tokens, &Positions::contiguous(seq))
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` over a whole sequence (no cache).
+    pub fn block(&self, i: usize, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
+        let seq = x.dims()[1];
+        self.blocks[i].forward(x, &Positions::contiguous(seq), None, None, context)
+    }
+
+    pub fn final_norm(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
         self.ln_final.forward(x, context.norm)
     }
 

@@ -1,9 +1,11 @@
 //! Training: the loop, its optimizer pieces, objectives, checkpoints and logs.
 
 pub mod checkpoint;
+pub mod heldout;
 pub mod logging;
 pub mod objective;
 pub mod optim;
+pub mod recompute;
 pub mod reward;
 pub mod trainer;
 

@@ -221,14 +221,19 @@ pub struct StepGradients {
     pub grad_norm: f64,
 }
 
+/// Adds `other` into `sum`, parameter by parameter (a parameter in only one of them keeps
+/// its gradient).
+pub fn add_gradients<M: Module>(model: &M, sum: &mut GradientsParams, mut other: GradientsParams) {
+    for_each_grad(model, sum, Some(&mut other), AddOther);
+}
+
 impl GradientSum {
     pub fn add<M: Module>(&mut self, model: &M, grads: GradientsParams) {
         self.micro_batches += 1;
         self.sum = Some(match self.sum.take() {
             None => grads,
             Some(mut sum) => {
-                let mut grads = grads;
-                for_each_grad(model, &mut sum, Some(&mut grads), AddOther);
+                add_gradients(model, &mut sum, grads);
                 sum
             }
         });

@@ -11,7 +11,9 @@ use burn::tensor::Device;
 use serde_json::json;
 
 use super::objective::sampling::ReplySample;
+use super::objective::rollout::{ROLLOUTS_FILE, Rollouts};
 use super::checkpoint::{self, CONFIG_FILE, MODEL_FILE, OPTIMIZER_FILE, REFERENCE_MODEL_FILE, STATE_FILE, TrainerState};
+use super::heldout::{HeldOutOptions, evaluate_held_out};
 use super::logging::RunLogger;
 use super::objective::{BatchTensors, PolicyTools, StepInput, objective_at, sft_loss};
 use super::optim::{GradientSum, ParamOptimizer, learning_rate};
@@ -145,8 +147,15 @@ impl Learner {
         Ok(Self { config, device, model, optimizer, policy })
     }
 
+    /// Samples one step's batch draws from the data.
     pub fn samples_per_step(&self) -> u64 {
         (self.config.training.batch_size * self.config.training.grad_accum_steps) as u64
+    }
+
+    /// Samples drawn by the first `steps` optimizer steps (the data position after them). A
+    /// sampling objective's μ updates on one sample batch draw it once.
+    pub fn samples_seen(&self, steps: u64) -> u64 {
+        self.config.objective.batches_before(steps) * self.samples_per_step()
     }
 
     /// Optimizer step number `step` (0-based) over `grad_accum_steps` micro-batches of `source`.
@@ -155,7 +164,7 @@ impl Learner {
         // Dropout masks come from the backend RNG: reseed it from the step so a resumed run
         // draws the same masks.
         self.device.seed(derive_seed(self.config.run.seed, Stream::StepNoise, step));
-        let first_sample = step * self.samples_per_step();
+        let first_sample = self.samples_seen(self.config.objective.batch_step(step));
         let mut sum = GradientSum::default();
         let mut loss_total = 0.0;
         let mut tokens = 0;
@@ -185,11 +194,14 @@ impl Learner {
             }
             loss_total += value;
             let started = Instant::now();
-            let grads = loss.backward();
+            let grads = match out.grads {
+                Some(grads) => grads,
+                None => GradientsParams::from_grads(loss.backward(), &self.model),
+            };
             if sampling {
                 metrics.push(("perf/backward_ms", started.elapsed().as_secs_f64() * 1e3));
             }
-            sum.add(&self.model, GradientsParams::from_grads(grads, &self.model));
+            sum.add(&self.model, grads);
         }
         let grads = sum.finish(&self.model, self.config.optimizer.max_grad_norm);
         if !grads.grad_norm.is_finite() {
@@ -331,10 +343,17 @@ pub fn train(mut config: Config, options: &TrainOptions) -> Result<TrainOutcome>
     if let Some(ckpt) = &latest {
         let path = ckpt.dir.join(OPTIMIZER_FILE);
         learner.optimizer = learner.optimizer.load(&path)?;
+        let rollouts = ckpt.dir.join(ROLLOUTS_FILE);
+        if let Some(tools) = learner.policy.as_mut().filter(|_| rollouts.exists()) {
+            tools.rollouts = Rollouts::load(&rollouts)?;
+        }
         if let Some(tools) = learner.policy.as_mut().filter(|_| ckpt.dir.join(REFERENCE_MODEL_FILE).exists()) {
             let (_, fresh) = build_model(&learner.config, data.tokenizer.vocab_size(), &reference_device)?;
             tools.reference = Some(crate::weights::load_weights(fresh, &ckpt.dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?);
         }
+    }
+    if learner.config.training.eval_generate_every > 0 && super::heldout::held_out_prompts(&data.validation).is_empty() {
+        bail!("training.eval_generate_every: the held-out split has no prompt/reply records to sample for (it needs JSONL data)");
     }
     let mut run = Loop { _lock: lock, learner, run_dir, data, state, logger };
     run.announce(latest.as_ref().map(|c| c.step), &gpt);
@@ -436,12 +455,12 @@ impl Loop {
             self.state.global_step += 1;
             self.state.learning_rate = lr;
             self.state.last_train_loss = Some(loss);
-            self.state.data = self.data.train.cursor(self.state.global_step * self.learner.samples_per_step());
+            self.state.data = self.data.train.cursor(self.learner.samples_seen(self.state.global_step));
             let done = self.state.global_step;
 
             if done % t.log_every as u64 == 0 || done == max_steps {
                 let tokens_per_sec = tokens as f64 / step_secs;
-                let epoch = (done * self.learner.samples_per_step()) as f64 / self.data.train.samples_per_epoch().max(1) as f64;
+                let epoch = self.learner.samples_seen(done) as f64 / self.data.train.samples_per_epoch().max(1) as f64;
                 let logger = self.logger();
                 logger.scalar("train/epoch", epoch, done);
                 logger.scalar("train/loss", loss, done);
@@ -476,6 +495,10 @@ impl Loop {
             if (t.eval_every > 0 && done % t.eval_every as u64 == 0) || done == max_steps {
                 new_best = self.evaluate()?;
                 stopped_early = self.early_stop_reason();
+            }
+            let generate_every = t.eval_generate_every as u64;
+            if generate_every > 0 && (done % generate_every == 0 || done == max_steps || stopped_early.is_some()) {
+                self.evaluate_generation()?;
             }
             interrupted = super::interrupted() || stop_at_step.is_some_and(|s| done >= s);
             let periodic = done % self.learner.config.checkpoint.every_steps as u64 == 0;
@@ -542,6 +565,35 @@ impl Loop {
         Ok(new_best)
     }
 
+    /// `training.eval_generate_every`: the held-out sampling evaluation, logged under `eval/`.
+    fn evaluate_generation(&mut self) -> Result<()> {
+        let (l, step) = (&self.learner, self.state.global_step);
+        let n = l.config.training.eval_generate_samples;
+        let options = HeldOutOptions {
+            k: if n > 1 { vec![1, n] } else { vec![1] },
+            samples: n,
+            temperature: None,
+            seed: derive_seed(l.config.run.seed, Stream::EvalSampling, 0),
+        };
+        let model = l.model.valid();
+        let report = evaluate_held_out(&model, &self.data.tokenizer, &l.config, &self.data.validation, None, &options, step, &l.device.clone().inner())
+            .context("training.eval_generate_every")?;
+        let mut record = json!({"step": step});
+        let logger = self.logger();
+        for (name, value) in report.mean.named() {
+            logger.scalar(&format!("eval/{name}"), value, step);
+            record[format!("eval/{name}")] = json!(value);
+        }
+        logger.record(record)?;
+        let (m, e) = (&report.mean, &report.stderr);
+        let (k, pass) = *m.pass_at.last().expect("k = 1 at least");
+        logger.message(&format!(
+            "step {step}: held-out pass@1 {:.3} ± {:.3}, pass@{k} {pass:.3}, coverage@{k} {:.2} ± {:.2} ({} prompts × {n})",
+            m.pass_at[0].1, e.pass_at[0].1, m.coverage_at.last().map_or(0.0, |c| c.1), e.coverage_at.last().map_or(0.0, |c| c.1), report.prompts
+        ));
+        Ok(())
+    }
+
     fn save_checkpoint(&mut self) -> Result<()> {
         let state = serde_json::to_vec_pretty(&self.state)?;
         let config = self.learner.config.to_yaml();
@@ -549,10 +601,17 @@ impl Loop {
         let keep_last = self.learner.config.checkpoint.keep_last;
         let saved = saved_weights(&self.learner.config);
         let reference = self.learner.policy.as_ref().and_then(|p| p.reference.as_ref());
+        // A cycle of objective.num_iterations updates that continues past this checkpoint.
+        let next = self.state.global_step;
+        let batch_step = self.learner.config.objective.batch_step(next);
+        let rollouts = self.learner.policy.as_ref().and_then(|p| p.rollouts.needed_from(next, batch_step));
         checkpoint::write_checkpoint(&self.run_dir, self.state.global_step, keep_last, |dir| {
             crate::weights::save_weights(model, &dir.join(MODEL_FILE), saved)?;
             if let Some(reference) = reference {
                 crate::weights::save_weights(reference, &dir.join(REFERENCE_MODEL_FILE), crate::weights::Saved::All)?;
+            }
+            if let Some(rollouts) = rollouts {
+                rollouts.save(&dir.join(ROLLOUTS_FILE))?;
             }
             optimizer.save(dir.join(OPTIMIZER_FILE))?;
             crate::weights::write_file_synced(&dir.join(CONFIG_FILE), config.as_bytes())?;

@@ -10,19 +10,21 @@ pub struct Grpo;
 
 impl Objective for Grpo {
     fn loss(&self, mut input: StepInput) -> Result<Loss> {
-        let (config, device) = (input.config, input.device);
-        let ob = &config.objective;
-        let group = ob.n_sets * ob.n_samples;
-        let mut sampled = sample(&mut input, group)?;
-        let tools = input.tools()?;
-        let scored = score(tools, &sampled)?;
-        sampled.stats.keep_samples(&sampled.examples, &scored);
-        // The group's diversity is logged (not trained on), for comparison with polychromic_rl.
-        let diversities = tools.diversities(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, &mut sampled.stats)?;
-        let advantages = scaled_advantages(&scored.rewards, ob.reward_scaling());
-        sampled.stats.add("train/reward_mean", scored.mean_reward());
-        reward_spread_metrics(&scored, &mut sampled.stats);
-        sampled.stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len() as f64);
-        policy_gradient_step(&mut input, sampled, &advantages)
+        policy_gradient_step(&mut input, |input| {
+            let (config, device) = (input.config, input.device);
+            let ob = &config.objective;
+            let group = ob.n_sets * ob.n_samples;
+            let mut sampled = sample(input, group)?;
+            let tools = input.tools()?;
+            let scored = score(tools, &sampled)?;
+            sampled.stats.keep_samples(&sampled.examples, &scored);
+            // The group's diversity is logged (not trained on), for comparison with polychromic_rl.
+            let diversities = tools.diversities(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, &mut sampled.stats)?;
+            let advantages = scaled_advantages(&scored.rewards, ob.reward_scaling());
+            sampled.stats.add("train/reward_mean", scored.mean_reward());
+            reward_spread_metrics(&scored, &mut sampled.stats);
+            sampled.stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len() as f64);
+            Ok((sampled, advantages))
+        })
     }
 }

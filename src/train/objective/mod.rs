@@ -9,6 +9,7 @@
 
 pub mod grpo;
 pub mod polychromic;
+pub mod rollout;
 pub mod sampling;
 pub mod set_advantage;
 pub mod sft;
@@ -52,6 +53,9 @@ pub struct Loss {
     pub metrics: Vec<(&'static str, f64)>,
     /// Sampled replies to record in `samples.jsonl` (sampling objectives).
     pub samples: Vec<sampling::ReplySample>,
+    /// Gradients the objective computed itself (`training.gradient_checkpointing`); `loss` is
+    /// then detached. `None`: the trainer back-propagates `loss`.
+    pub grads: Option<burn::optim::GradientsParams>,
 }
 
 pub trait Objective {

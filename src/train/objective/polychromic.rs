@@ -12,7 +12,7 @@ use anyhow::Result;
 use burn::tensor::Tensor;
 use polyburn_kernels::diversity::{DiversityImpl, pairwise_cosine_diversity};
 
-use super::sampling::{ReplyBatch, policy_gradient_step, reply_embeddings, reward_spread_metrics, sample, scalar, scaled_advantages, score};
+use super::sampling::{ReplyBatch, Sampled, policy_gradient_step, reply_embeddings, reward_spread_metrics, sample, scalar, scaled_advantages, score};
 use super::set_advantage::{SetAdvantage, marginal_means_pairwise, marginal_means_sampled, sample_sets_containing_each};
 use crate::diversity::mean_pair_distance;
 use crate::rng::{SplitMix64, Stream, derive_seed};
@@ -24,56 +24,61 @@ pub struct PolychromicRl;
 
 impl Objective for PolychromicRl {
     fn loss(&self, mut input: StepInput) -> Result<Loss> {
-        let (config, device) = (input.config, input.device);
-        let ob = &config.objective;
-        let (sets, set_size) = (ob.n_sets, ob.n_samples);
-        let mut sampled = sample(&mut input, sets * set_size)?;
-        let step = input.step;
-        let tools = input.tools()?;
-        let scored = score(tools, &sampled)?;
-        sampled.stats.keep_samples(&sampled.examples, &scored);
-        let k = sets * set_size;
-        let stats = &mut sampled.stats;
-        // Per prompt: each reply's set score (its set's under `partition`, its marginal under
-        // `marginal`), and the diversity of the sets that were scored.
-        let (reply_scores, diversities): (Vec<Vec<f64>>, Vec<f64>) = match ob.set_advantage {
-            SetAdvantage::Partition => {
-                let (reply_sets, text_sets) = (sets_of(&sampled.replies, set_size), sets_of(&scored.texts, set_size));
-                let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, stats)?;
-                let scores = set_scores(&sets_of(&scored.rewards, set_size), &diversities);
-                let per_reply = scores.chunks(sets).map(|s| s.iter().flat_map(|&f| std::iter::repeat_n(f, set_size)).collect()).collect();
-                (per_reply, diversities)
-            }
-            SetAdvantage::Marginal if ob.diversity.is_pairwise() => {
-                let matrices = tools.distance_matrices(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, stats)?;
-                let per_reply = scored.rewards.iter().zip(&matrices).map(|(r, d)| marginal_means_pairwise(r, d, set_size)).collect();
-                (per_reply, matrices.iter().map(|d| mean_pair_distance(d, k)).collect())
-            }
-            SetAdvantage::Marginal => {
-                let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::SetSampling, step));
-                let drawn = sample_sets_containing_each(k, set_size, ob.n_subsets, &mut rng);
-                let pick = |group: &[Vec<u32>]| drawn.iter().map(|s| s.iter().map(|&i| group[i].clone()).collect()).collect::<Vec<Vec<_>>>();
-                let reply_sets: Vec<Vec<Vec<u32>>> = sampled.replies.iter().flat_map(|g| pick(g)).collect();
-                let text_sets: Vec<Vec<String>> =
-                    scored.texts.iter().flat_map(|g| drawn.iter().map(|s| s.iter().map(|&i| g[i].clone()).collect::<Vec<_>>()).collect::<Vec<_>>()).collect();
-                let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, stats)?;
-                let reward_sets: Vec<Vec<f64>> =
-                    scored.rewards.iter().flat_map(|r| drawn.iter().map(|s| s.iter().map(|&i| r[i]).collect::<Vec<_>>()).collect::<Vec<_>>()).collect();
-                let scores = set_scores(&reward_sets, &diversities);
-                let per_reply = scores.chunks(drawn.len()).map(|s| marginal_means_sampled(s, k, ob.n_subsets)).collect();
-                (per_reply, diversities)
-            }
-        };
-        // One row per reply, prompt by prompt in sampling order; each prompt's reply scores are
-        // centred (their mean is the prompt's mean set score in both modes).
-        let advantages = scaled_advantages(&reply_scores, ob.reward_scaling());
-        let mean_score = reply_scores.iter().flatten().sum::<f64>() / (reply_scores.len() * k).max(1) as f64;
-        stats.add("train/set_score", mean_score);
-        stats.add("train/reward_mean", scored.mean_reward());
-        reward_spread_metrics(&scored, stats);
-        stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len().max(1) as f64);
-        policy_gradient_step(&mut input, sampled, &advantages)
+        policy_gradient_step(&mut input, sample_and_score_sets)
     }
+}
+
+/// Samples M·N replies per prompt and gives each its set advantage (`objective.set_advantage`).
+fn sample_and_score_sets(input: &mut StepInput) -> Result<(Sampled, Vec<f64>)> {
+    let (config, device) = (input.config, input.device);
+    let ob = &config.objective;
+    let (sets, set_size) = (ob.n_sets, ob.n_samples);
+    let mut sampled = sample(input, sets * set_size)?;
+    let step = input.step;
+    let tools = input.tools()?;
+    let scored = score(tools, &sampled)?;
+    sampled.stats.keep_samples(&sampled.examples, &scored);
+    let k = sets * set_size;
+    let stats = &mut sampled.stats;
+    // Per prompt: each reply's set score (its set's under `partition`, its marginal under
+    // `marginal`), and the diversity of the sets that were scored.
+    let (reply_scores, diversities): (Vec<Vec<f64>>, Vec<f64>) = match ob.set_advantage {
+        SetAdvantage::Partition => {
+            let (reply_sets, text_sets) = (sets_of(&sampled.replies, set_size), sets_of(&scored.texts, set_size));
+            let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, stats)?;
+            let scores = set_scores(&sets_of(&scored.rewards, set_size), &diversities);
+            let per_reply = scores.chunks(sets).map(|s| s.iter().flat_map(|&f| std::iter::repeat_n(f, set_size)).collect()).collect();
+            (per_reply, diversities)
+        }
+        SetAdvantage::Marginal if ob.diversity.is_pairwise() => {
+            let matrices = tools.distance_matrices(ob.diversity, &config.kernels, device, &sampled.replies, &scored.texts, stats)?;
+            let per_reply = scored.rewards.iter().zip(&matrices).map(|(r, d)| marginal_means_pairwise(r, d, set_size)).collect();
+            (per_reply, matrices.iter().map(|d| mean_pair_distance(d, k)).collect())
+        }
+        SetAdvantage::Marginal => {
+            let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::SetSampling, step));
+            let drawn = sample_sets_containing_each(k, set_size, ob.n_subsets, &mut rng);
+            let pick = |group: &[Vec<u32>]| drawn.iter().map(|s| s.iter().map(|&i| group[i].clone()).collect()).collect::<Vec<Vec<_>>>();
+            let reply_sets: Vec<Vec<Vec<u32>>> = sampled.replies.iter().flat_map(|g| pick(g)).collect();
+            let text_sets: Vec<Vec<String>> =
+                scored.texts.iter().flat_map(|g| drawn.iter().map(|s| s.iter().map(|&i| g[i].clone()).collect::<Vec<_>>()).collect::<Vec<_>>()).collect();
+            let diversities = tools.diversities(ob.diversity, &config.kernels, device, &reply_sets, &text_sets, stats)?;
+            let reward_sets: Vec<Vec<f64>> =
+                scored.rewards.iter().flat_map(|r| drawn.iter().map(|s| s.iter().map(|&i| r[i]).collect::<Vec<_>>()).collect::<Vec<_>>()).collect();
+            let scores = set_scores(&reward_sets, &diversities);
+            let per_reply = scores.chunks(drawn.len()).map(|s| marginal_means_sampled(s, k, ob.n_subsets)).collect();
+            (per_reply, diversities)
+        }
+    };
+    // One row per reply, prompt by prompt in sampling order; each prompt's reply scores are
+    // centred (their mean is the prompt's mean set score in both modes).
+    let advantages = scaled_advantages(&reply_scores, ob.reward_scaling());
+    let mean_score = reply_scores.iter().flatten().sum::<f64>() / (reply_scores.len() * k).max(1) as f64;
+    stats.add("train/set_score", mean_score);
+    stats.add("train/reward_mean", scored.mean_reward());
+    reward_spread_metrics(&scored, stats);
+    stats.add("train/diversity", diversities.iter().sum::<f64>() / diversities.len().max(1) as f64);
+    Ok((sampled, advantages))
 }
 
 pub struct PolychromicRegularized;
@@ -94,7 +99,7 @@ impl Objective for PolychromicRegularized {
         stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
         stats.add("train/quality_loss", scalar(&quality));
         stats.add("train/diversity", scalar(&diversity));
-        Ok(Loss { loss, tokens, metrics: sampled.stats.metrics, samples: sampled.stats.samples })
+        Ok(Loss { loss, tokens, metrics: sampled.stats.metrics, samples: sampled.stats.samples, grads: None })
     }
 }
 

@@ -10,6 +10,7 @@ use burn::module::Module;
 use polyburn_kernels::cross_entropy::target_log_probs;
 use burn::tensor::{Device, Tensor, TensorData};
 
+use super::rollout::{Rollout, Rollouts};
 use super::sft::BatchTensors;
 use super::{Loss, StepInput};
 use crate::config::{Config, KernelsConfig, LossType, ObjectiveType};
@@ -27,6 +28,8 @@ pub struct ReplyBatch {
     pub tensors: BatchTensors,
     /// Reply tokens per row (≥ 1 unless a reply was cut by `max_new_tokens` at 0 tokens).
     pub reply_tokens: Vec<usize>,
+    /// The end token appended to replies that stopped.
+    pub eos: u32,
 }
 
 impl ReplyBatch {
@@ -45,7 +48,7 @@ impl ReplyBatch {
             })
             .collect();
         let batch = Batch::pack(&sequences);
-        Self { reply_tokens: batch.loss_tokens_per_row(), tensors: BatchTensors::new(&batch, device) }
+        Self { reply_tokens: batch.loss_tokens_per_row(), tensors: BatchTensors::new(&batch, device), eos }
     }
 
     /// Reply tokens per row as a `[rows, 1]` divisor (at least 1).
@@ -64,12 +67,29 @@ impl ReplyBatch {
 /// sampled from: logits divided by the sampling `temperature` (1 = the model's own; 0, greedy,
 /// is treated as 1).
 pub fn token_logprobs(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext, temperature: f64) -> Tensor<2> {
-    let mut logits = model.forward(batch.tensors.inputs.clone(), context);
-    if temperature > 0.0 && temperature != 1.0 {
-        logits = logits.div_scalar(temperature);
-    }
+    gathered_log_probs(sampling_logits(model, batch, context, temperature), batch)
+}
+
+/// The policy's logits divided by the sampling temperature, `[rows, len, vocab]`.
+fn sampling_logits(model: &Gpt, batch: &ReplyBatch, context: &ForwardContext, temperature: f64) -> Tensor<3> {
+    let logits = model.forward(batch.tensors.inputs.clone(), context);
+    if temperature > 0.0 && temperature != 1.0 { logits.div_scalar(temperature) } else { logits }
+}
+
+/// The log-probability of each target token under `logits`, `[rows, len]`.
+fn gathered_log_probs(logits: Tensor<3>, batch: &ReplyBatch) -> Tensor<2> {
     let [rows, len, vocab] = logits.dims();
     target_log_probs(logits.reshape([rows * len, vocab]), batch.tensors.targets.clone().reshape([rows * len])).reshape([rows, len])
+}
+
+/// Mean entropy (nats) of the sampling distributions at the positions `mask` counts: how much
+/// randomness the policy has left (a collapsing policy's falls towards 0).
+pub fn mean_token_entropy(logits: Tensor<3>, mask: &Tensor<2>) -> f64 {
+    let [rows, len, _] = logits.dims();
+    let log_p = burn::tensor::activation::log_softmax(logits, 2);
+    let entropy = (log_p.clone().exp() * log_p).sum_dim(2).reshape([rows, len]).neg();
+    let counted = mask.clone().sum().into_scalar::<f32>().max(1.0) as f64;
+    (entropy * mask.clone()).sum().into_scalar::<f32>() as f64 / counted
 }
 
 /// Mean of the final hidden states over the positions that predict reply tokens, L2-normalised:
@@ -200,7 +220,7 @@ pub struct SamplingStats {
 }
 
 /// One sampled reply as `samples.jsonl` records it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReplySample {
     pub prompt: String,
     pub reply: String,
@@ -246,6 +266,8 @@ pub struct PolicyTools {
     pub encoder: Option<SentenceEncoder>,
     /// Inference copy of the policy when sampling started; set at the first sampling step.
     pub reference: Option<Gpt>,
+    /// The sample batches of the `objective.num_iterations` cycle in progress.
+    pub rollouts: Rollouts,
 }
 
 impl PolicyTools {
@@ -260,7 +282,7 @@ impl PolicyTools {
         } else {
             None
         };
-        Ok(Self { rewards: Rewards::from_config(&ob.rewards), tokenizer, encoder, reference: None })
+        Ok(Self { rewards: Rewards::from_config(&ob.rewards), tokenizer, encoder, reference: None, rollouts: Rollouts::default() })
     }
 
     /// The configured diversity of each group of token sequences (texts for `semantic` and
@@ -402,32 +424,106 @@ pub fn score(tools: &PolicyTools, sampled: &Sampled) -> Result<Scored> {
     Ok(Scored { texts, rewards })
 }
 
-/// The policy-gradient loss of `grpo` and `polychromic_rl` for per-reply `advantages`: one
-/// teacher-forced forward of the policy, plus inference passes for the ratio's sampling policy
-/// (under dropout) and for the KL reference.
-pub fn policy_gradient_step(input: &mut StepInput, sampled: Sampled, advantages: &[f64]) -> Result<Loss> {
+/// The loss of a `grpo` / `polychromic_rl` step. At the first step of a cycle of
+/// `objective.num_iterations` updates, `sample_and_score` samples the replies and gives each
+/// row's advantage; the cycle's later steps train on that saved rollout again (the sampling
+/// policy's log-probs kept from the first update, so the ratio is the current policy's to it).
+pub fn policy_gradient_step(
+    input: &mut StepInput,
+    sample_and_score: impl FnOnce(&mut StepInput) -> Result<(Sampled, Vec<f64>)>,
+) -> Result<Loss> {
+    let ob = &input.config.objective;
+    let (step, first) = (input.step, input.first);
+    let sampled_at = ob.batch_step(step);
+    if sampled_at != step {
+        let rollout = input.tools()?.rollouts.get(sampled_at, first).cloned().with_context(|| {
+            format!(
+                "step {}: the replies sampled at step {} for objective.num_iterations {} are missing",
+                step + 1,
+                sampled_at + 1,
+                ob.num_iterations
+            )
+        })?;
+        let rows = rollout.rows();
+        let batch = ReplyBatch::new(&rows, rollout.eos, input.model.context_length(), input.device);
+        let dims: [usize; 2] = batch.tensors.loss_mask.dims();
+        let old: Vec<f32> = rollout.old_logp.iter().map(|&v| v as f32).collect();
+        let old = Tensor::<2>::from_data(TensorData::new(old, dims), input.device);
+        let mut stats = SamplingStats { metrics: rollout.metrics.clone(), samples: rollout.samples.clone() };
+        stats.add("train/rollout_iteration", (step - sampled_at) as f64);
+        return Ok(update_loss(input, &rows, &batch, &rollout.advantages, OldPolicy::Saved(old), stats)?.0);
+    }
+    let (sampled, advantages) = sample_and_score(input)?;
+    let rows = sampled.rows();
+    let mut stats = sampled.stats.clone();
+    let measured: Vec<(&'static str, f64)> = stats.metrics.iter().filter(|(n, _)| !n.starts_with("perf/")).copied().collect();
+    stats.add("train/rollout_iteration", 0.0);
+    let (loss, old_logp) = update_loss(input, &rows, &sampled.batch, &advantages, OldPolicy::Sampler(&sampled.inference), stats)?;
+    if input.config.objective.num_iterations > 1 {
+        let old_logp: Vec<f32> = old_logp.into_data().convert::<f32>().try_into_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let rollout = Rollout {
+            sampled_at,
+            first,
+            rows: rows.iter().map(|(p, r, s)| (p.to_vec(), r.to_vec(), *s)).collect(),
+            eos: sampled.batch.eos,
+            advantages,
+            old_logp: old_logp.into_iter().map(f64::from).collect(),
+            metrics: measured,
+            samples: sampled.stats.samples.clone(),
+        };
+        input.tools()?.rollouts.keep(rollout);
+    }
+    Ok(loss)
+}
+
+/// Where the ratio's sampling-policy log-probs come from.
+enum OldPolicy<'a> {
+    /// This update sampled with `model`: the policy's own log-probs (detached), or `model`'s
+    /// own pass when dropout makes the training forward differ from the sampler.
+    Sampler(&'a Gpt),
+    /// Saved by the cycle's first update.
+    Saved(Tensor<2>),
+}
+
+/// One update's policy-gradient loss on `batch` (the sequences of `rows`): one teacher-forced
+/// forward of the policy, plus inference passes for the ratio's sampling policy (under
+/// dropout) and for the KL reference. Also returns the sampling policy's log-probs.
+fn update_loss(
+    input: &mut StepInput,
+    rows: &[(&[u32], &[u32], bool)],
+    batch: &ReplyBatch,
+    advantages: &[f64],
+    old: OldPolicy,
+    mut stats: SamplingStats,
+) -> Result<(Loss, Tensor<2>)> {
     let (config, model, device) = (input.config, input.model, input.device);
     let ob = &config.objective;
-    let mut stats = sampled.stats.clone();
     let context = ForwardContext::for_run(config, input.step);
     let started = Instant::now();
     let temperature = ob.sampling.temperature;
-    let logp = token_logprobs(model, &sampled.batch, &context, temperature);
+    let logits = sampling_logits(model, batch, &context, temperature);
+    stats.add("train/entropy", mean_token_entropy(logits.clone().detach(), &batch.tensors.loss_mask));
+    let logp = gathered_log_probs(logits, batch);
     let reference = input.tools()?.reference.as_ref().filter(|_| ob.kl_beta > 0.0);
     let with_dropout = config.model.dropout > 0.0;
+    let sampler_pass = with_dropout && matches!(old, OldPolicy::Sampler(_));
     // The same sequences on the inference device, built once for both extra passes.
-    let rows = sampled.rows();
-    let inner_batch = (with_dropout || reference.is_some())
-        .then(|| ReplyBatch::new(&rows, sampled.eos, model.context_length(), &device.clone().inner()));
+    let inner_batch = (sampler_pass || reference.is_some())
+        .then(|| ReplyBatch::new(rows, batch.eos, model.context_length(), &device.clone().inner()));
     let host_logprobs = |m: &Gpt| {
         let inner = inner_batch.as_ref().expect("built when an extra pass is needed");
         Tensor::<2>::from_data(token_logprobs(m, inner, &context, temperature).into_data(), device)
     };
-    let old_logp = if with_dropout { host_logprobs(&sampled.inference) } else { logp.clone().detach() };
+    let old_logp = match old {
+        OldPolicy::Sampler(sampler) if with_dropout => host_logprobs(sampler),
+        OldPolicy::Sampler(_) => logp.clone().detach(),
+        OldPolicy::Saved(saved) => saved,
+    };
     let reference_logp = reference.map(host_logprobs);
     let truncated: Vec<bool> = rows.iter().map(|(_, reply, stopped)| !stopped && !reply.is_empty()).collect();
     let kept: Vec<bool> = truncated.iter().map(|&t| !(t && ob.mask_truncated)).collect();
-    let pg = policy_gradient_loss(logp, old_logp, reference_logp, &sampled.batch, advantages, &kept, PolicyGradientOptions::from_config(ob));
+    let options = PolicyGradientOptions::from_config(ob);
+    let pg = policy_gradient_loss(logp, old_logp.clone(), reference_logp, batch, advantages, &kept, options);
     stats.add("perf/forward_ms", started.elapsed().as_secs_f64() * 1e3);
     stats.add("train/quality_loss", scalar(&pg.quality));
     if let Some(kl) = &pg.kl {
@@ -439,8 +535,8 @@ pub fn policy_gradient_step(input: &mut StepInput, sampled: Sampled, advantages:
     stats.add("train/reply_length_min", lengths.iter().copied().fold(f64::INFINITY, f64::min));
     stats.add("train/reply_length_max", lengths.iter().copied().fold(0.0, f64::max));
     stats.add("train/truncated_fraction", truncated.iter().filter(|&&t| t).count() as f64 / truncated.len().max(1) as f64);
-    let loss = pg.loss;
-    Ok(Loss { loss, tokens: sampled.batch.tokens(), metrics: stats.metrics, samples: stats.samples })
+    let loss = Loss { loss: pg.loss, tokens: batch.tokens(), metrics: stats.metrics, samples: stats.samples, grads: None };
+    Ok((loss, old_logp))
 }
 
 /// `train/reward_std` and `train/zero_spread_fraction` (prompts whose replies all scored the

@@ -6,6 +6,8 @@ use polyburn_kernels::cross_entropy::linear_cross_entropy;
 
 use super::{Loss, Objective, StepInput};
 use crate::data::Batch;
+use crate::rng::{Stream, derive_seed};
+use crate::train::recompute::recomputed_gradients;
 use crate::model::{ForwardContext, Gpt};
 
 /// Batch buffers as tensors on `device`.
@@ -33,7 +35,11 @@ impl BatchTensors {
 /// head and the cross-entropy run as one op (`kernels.cross_entropy`): with `fused`, the
 /// `[B·T, V]` logits never exist.
 pub fn sft_loss(model: &Gpt, batch: &BatchTensors, context: &ForwardContext) -> Tensor<1> {
-    let hidden = model.hidden(batch.inputs.clone(), context);
+    head_loss(model, model.hidden(batch.inputs.clone(), context), batch, context)
+}
+
+/// The LM head and cross-entropy on the final hidden states.
+fn head_loss(model: &Gpt, hidden: Tensor<3>, batch: &BatchTensors, context: &ForwardContext) -> Tensor<1> {
     let [b, t, d] = hidden.dims();
     let weights = batch.loss_mask.clone().reshape([b * t]).div_scalar(batch.loss_tokens.max(1) as f64);
     linear_cross_entropy(hidden.reshape([b * t, d]), model.lm_head_weight(), batch.targets.clone().reshape([b * t]), weights, context.cross_entropy)
@@ -47,8 +53,16 @@ impl Objective for Sft {
         let batch = input.source.batch(input.first, input.config.training.batch_size);
         let tokens = batch.batch_size * batch.seq_len;
         let context = ForwardContext::for_run(input.config, input.step);
-        let loss = sft_loss(input.model, &BatchTensors::new(&batch, input.device), &context);
-        Ok(Loss { loss, tokens, metrics: Vec::new(), samples: Vec::new() })
+        let batch = BatchTensors::new(&batch, input.device);
+        if input.config.training.gradient_checkpointing {
+            let noise_seed = derive_seed(input.config.run.seed, Stream::StepNoise, input.step) ^ input.first;
+            let (loss, grads) = recomputed_gradients(input.model, batch.inputs.clone(), &context, noise_seed, |model, hidden| {
+                head_loss(model, hidden, &batch, &context)
+            });
+            return Ok(Loss { loss, tokens, metrics: Vec::new(), samples: Vec::new(), grads: Some(grads) });
+        }
+        let loss = sft_loss(input.model, &batch, &context);
+        Ok(Loss { loss, tokens, metrics: Vec::new(), samples: Vec::new(), grads: None })
     }
 
     fn samples(&self) -> bool {
