@@ -289,6 +289,10 @@ impl Default for RunConfig {
     }
 }
 
+/// `data.chat_template` values that are not a file.
+pub const CHAT_TEMPLATE_AUTO: &str = "auto";
+pub const CHAT_TEMPLATE_NONE: &str = "none";
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
@@ -313,6 +317,11 @@ pub struct DataConfig {
     pub validation_fraction: f64,
     /// Skip (and count) malformed JSONL lines instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// How JSONL records become text: `auto` (the pretrained model's `chat_template` when its
+    /// `tokenizer_config.json` has one, else plain prompt + reply), `none` (plain), or a path
+    /// to a Jinja template or a `tokenizer_config.json`. With a template the loss covers the
+    /// assistant turns only.
+    pub chat_template: String,
 }
 
 impl Default for DataConfig {
@@ -324,6 +333,7 @@ impl Default for DataConfig {
             tokenizer: "char".into(),
             validation_fraction: 0.1,
             skip_bad_lines: false,
+            chat_template: CHAT_TEMPLATE_AUTO.into(),
         }
     }
 }
@@ -676,6 +686,12 @@ impl Config {
             "must be in (0, 1)",
         );
         check(!self.data.tokenizer.is_empty(), "data.tokenizer", "must be `char`, `bpe` or a path to tokenizer.json");
+        let template = self.data.chat_template.as_str();
+        check(
+            [CHAT_TEMPLATE_AUTO, CHAT_TEMPLATE_NONE].contains(&template) || std::path::Path::new(template).is_file(),
+            "data.chat_template",
+            &format!("must be `auto`, `none` or a path to a Jinja template or tokenizer_config.json (no file `{template}`)"),
+        );
         check(m.vocab_size != Some(0), "model.vocab_size", "must be > 0");
         check(m.d_model > 0, "model.d_model", "must be > 0");
         check(m.n_layers > 0, "model.n_layers", "must be > 0");

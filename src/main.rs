@@ -167,6 +167,10 @@ struct GenerateArgs {
     json: bool,
     #[arg(long)]
     prompt: String,
+    /// Send the prompt as a user message through the tokenizer's chat template (the run's or
+    /// the model's), ending with the assistant's generation prompt.
+    #[arg(long)]
+    chat: bool,
     /// Replies to sample for the prompt, generated together in one batch.
     #[arg(long, default_value_t = 1)]
     n: usize,
@@ -375,9 +379,8 @@ fn export_command(run: &Path, out: &Path, step: Option<u64>, merge: bool) -> Res
             polyburn::model::hf::export_lora_adapters(&r.model, &r.model_config, lora, r.config.model.pretrained.as_deref(), out)?
         }
         _ => {
-            let eos = r.tokenizer.eos_id();
             let merged = r.model.merge_lora();
-            polyburn::model::hf::export_pretrained(&merged, &r.model_config, &run.join(TOKENIZER_FILE), eos, out)?
+            polyburn::model::hf::export_pretrained(&merged, &r.model_config, &r.tokenizer, out)?
         }
     }
     println!("wrote {} (step {})", out.display(), r.checkpoint.step);
@@ -545,7 +548,16 @@ fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
         stop_token,
         seed: args.seed,
     };
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let prompt_text = if args.chat {
+        let template = tokenizer.chat_template().context(
+            "--chat: this tokenizer has no chat template (train with data.chat_template, or use a model whose \
+             tokenizer_config.json has one)",
+        )?;
+        template.render(&[polyburn::data::chat::ChatMessage::new("user", &args.prompt)], true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&prompt_text)?;
     let context = polyburn::model::ForwardContext::at_step(global_step);
     let replies = generate_batch(&model, &[prompt.clone()], args.n, &options, &context, Decoding::KvCache, &device)?;
     for (i, new) in replies[0].iter().enumerate() {
@@ -556,7 +568,7 @@ fn generate_command(args: GenerateArgs) -> Result<ExitCode> {
             if args.n > 1 {
                 println!("--- reply {i}");
             }
-            println!("{}{}", args.prompt, text);
+            println!("{prompt_text}{text}");
         }
     }
     Ok(ExitCode::SUCCESS)

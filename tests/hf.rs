@@ -244,7 +244,7 @@ fn qwen2_shaped_models_round_trip_with_qkv_biases() {
     let model = config.init(&device);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qwen");
-    polyburn::model::hf::export_pretrained(&model, &config, &fixture("tiny-llama").join("tokenizer.json"), Some(0), &out).unwrap();
+    polyburn::model::hf::export_pretrained(&model, &config, &polyburn::data::TextTokenizer::from_folder(&fixture("tiny-llama")).unwrap(), &out).unwrap();
     let exported: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(exported["architectures"][0], "Qwen2ForCausalLM");
     let back = load_pretrained(out.to_str().unwrap(), &device).unwrap();

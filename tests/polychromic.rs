@@ -160,7 +160,30 @@ fn sampling_objective_config_errors_name_the_field() {
 fn generate_n_replies_and_eval_report() {
     let tmp = tempfile::tempdir().unwrap();
     let (cfg, out) = demo_config(tmp.path(), "sft", "sft", "");
-    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", "training.max_steps=3"]).ok();
+    let sets = ["training.max_steps=4", "training.eval_generate_every=2", "training.eval_generate_samples=4"];
+    run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", sets[0], "--set", sets[1], "--set", sets[2]]).ok();
+    // The held-out sampling evaluation during training, logged at steps 2 and 4.
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval/pass@1").is_some())
+        .collect();
+    assert_eq!(evals.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [2, 4], "{evals:?}");
+    for v in &evals {
+        let (p1, pn, cov) = (v["eval/pass@1"].as_f64().unwrap(), v["eval/pass@4"].as_f64().unwrap(), v["eval/coverage@4"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&p1) && p1 <= pn && pn <= 1.0 && cov >= 0.0, "{v}");
+        assert!(v["eval/distinct_2"].as_f64().is_some() && v["eval/reward_mean"].as_f64().is_some(), "{v}");
+    }
+    let tb = polyburn::train::logging::read_tensorboard(&out).unwrap();
+    let tb_steps: Vec<u64> = tb
+        .iter()
+        .filter_map(|e| match e {
+            polyburn::train::logging::LoggedEvent::Scalar { tag, step, .. } if tag == "eval/pass@1" => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(tb_steps, [2, 4]);
     let dir = out.to_str().unwrap();
     let sample = |seed: &str| {
         run(&["generate", "--run", dir, "--prompt", "animal b:", "--n", "4", "--max-new-tokens", "6", "--temperature", "1.5", "--seed", seed, "--json"])

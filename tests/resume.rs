@@ -83,6 +83,17 @@ fn fine_tuning_a_pretrained_llama_resumes_exactly() {
 }
 
 #[test]
+fn chat_template_fine_tuning_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_chat_corpus(tmp.path());
+    assert_resume_is_exact(&[
+        &format!("data.train={}", corpus.display()),
+        &format!("data.chat_template={}", qwen2_template().display()),
+        "model.context_length=96",
+    ]);
+}
+
+#[test]
 fn lora_fine_tuning_resumes_exactly() {
     let llama = repo_root().join("tests/fixtures/tiny-llama");
     assert_resume_is_exact(&[

@@ -1,6 +1,8 @@
 //! Turning a tokenized corpus into batches. The sample order is a pure function of the seed
 //! and the global sample index, so the data cursor is just a number and resume is exact.
 
+use std::ops::Range;
+
 use anyhow::{Result, bail};
 
 use super::corpus::{Example, TokenCorpus};
@@ -27,12 +29,12 @@ impl Batch {
         self.loss_mask.chunks(self.seq_len).map(|row| row.iter().filter(|&&m| m > 0.0).count()).collect()
     }
 
-    /// Right-padded teacher-forcing rows from `(tokens, loss_from)` sequences of at most
-    /// context + 1 tokens each ([`fit_to_context`]): inputs are `tokens[..n-1]`, targets
-    /// `tokens[1..]`, and the loss covers targets from position `loss_from` on.
-    pub fn pack(samples: &[(Vec<u32>, usize)]) -> Batch {
+    /// Right-padded teacher-forcing rows from sequences of at most context + 1 tokens each
+    /// ([`fit_to_context`]) with the token ranges the loss covers: inputs are `tokens[..n-1]`,
+    /// targets `tokens[1..]`, and a target counts when its token lies in one of the ranges.
+    pub fn pack(samples: &[LossSequence]) -> Batch {
         let batch_size = samples.len();
-        let seq_len = samples.iter().map(|(t, _)| t.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+        let seq_len = samples.iter().map(|s| s.tokens.len().saturating_sub(1)).max().unwrap_or(0).max(1);
         let mut batch = Batch {
             inputs: vec![0; batch_size * seq_len],
             targets: vec![0; batch_size * seq_len],
@@ -40,26 +42,44 @@ impl Batch {
             batch_size,
             seq_len,
         };
-        for (row, (tokens, loss_from)) in samples.iter().enumerate() {
+        for (row, LossSequence { tokens, loss_spans }) in samples.iter().enumerate() {
             for t in 0..tokens.len().saturating_sub(1) {
                 let at = row * seq_len + t;
                 batch.inputs[at] = tokens[t] as i64;
                 batch.targets[at] = tokens[t + 1] as i64;
-                // Position t predicts token t+1; it counts when that token is part of the reply.
-                batch.loss_mask[at] = if t + 1 >= *loss_from { 1.0 } else { 0.0 };
+            }
+            // Position t predicts token t+1.
+            for span in loss_spans {
+                for t in span.start.max(1)..span.end.min(tokens.len()) {
+                    batch.loss_mask[row * seq_len + t - 1] = 1.0;
+                }
             }
         }
         batch
     }
 }
 
-/// A prompt/reply sequence cut to `context + 1` tokens: too long, it loses prompt tokens from
-/// the left first (keeping at least one), then the reply's end. `loss_from` is the reply's
-/// first token; returns the kept tokens and the shifted `loss_from`.
-pub fn fit_to_context(tokens: &[u32], loss_from: usize, context: usize) -> (Vec<u32>, usize) {
-    let drop = tokens.len().saturating_sub(context + 1).min(loss_from.saturating_sub(1));
+/// A token sequence with the ranges of it the loss covers (a row of a [`Batch`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossSequence {
+    pub tokens: Vec<u32>,
+    pub loss_spans: Vec<Range<usize>>,
+}
+
+/// A sequence cut to `context + 1` tokens: too long, it loses prompt tokens (those before the
+/// last loss span, the reply) from the left first, keeping at least one, then the reply's end.
+/// The spans move with the tokens; parts cut off are dropped.
+pub fn fit_to_context(tokens: &[u32], loss_spans: &[Range<usize>], context: usize) -> LossSequence {
+    let prompt_len = loss_spans.last().map_or(0, |s| s.start);
+    let drop = tokens.len().saturating_sub(context + 1).min(prompt_len.saturating_sub(1));
     let tokens = &tokens[drop..];
-    (tokens[..tokens.len().min(context + 1)].to_vec(), loss_from - drop)
+    let kept = tokens.len().min(context + 1);
+    let loss_spans = loss_spans
+        .iter()
+        .map(|s| s.start.saturating_sub(drop)..s.end.saturating_sub(drop).min(kept))
+        .filter(|s| !s.is_empty())
+        .collect();
+    LossSequence { tokens: tokens[..kept].to_vec(), loss_spans }
 }
 
 /// Where the training stream is: derived from the number of samples consumed.
@@ -128,9 +148,9 @@ impl SampleSource {
         &self.epoch_order.as_ref().expect("just filled").1
     }
 
-    /// Tokens of the `index`-th sample of the (endless, epoch-after-epoch) stream and where
-    /// its loss starts.
-    fn sample(&mut self, index: u64) -> (Vec<u32>, usize) {
+    /// Tokens of the `index`-th sample of the (endless, epoch-after-epoch) stream and the
+    /// ranges its loss covers.
+    fn sample(&mut self, index: u64) -> LossSequence {
         let DataCursor { epoch, position, .. } = self.cursor(index);
         let slot = self.order(epoch)[position as usize];
         let context = self.context;
@@ -142,11 +162,11 @@ impl SampleSource {
                     (derive_seed(self.seed, Stream::WindowOffset, epoch) % (self.max_offset as u64 + 1)) as usize
                 };
                 let start = offset + slot * context;
-                (tokens[start..start + context + 1].to_vec(), 0)
+                LossSequence { tokens: tokens[start..start + context + 1].to_vec(), loss_spans: vec![0..context + 1] }
             }
             TokenCorpus::Examples(examples) => {
                 let ex = &examples[slot];
-                fit_to_context(&ex.tokens, ex.loss_from, context)
+                fit_to_context(&ex.tokens, &ex.loss_spans, context)
             }
         }
     }
@@ -172,7 +192,7 @@ impl SampleSource {
 
     /// `batch_size` consecutive samples starting at global sample index `first`.
     pub fn batch(&mut self, first: u64, batch_size: usize) -> Batch {
-        let samples: Vec<(Vec<u32>, usize)> = (0..batch_size as u64).map(|i| self.sample(first + i)).collect();
+        let samples: Vec<LossSequence> = (0..batch_size as u64).map(|i| self.sample(first + i)).collect();
         Batch::pack(&samples)
     }
 }
@@ -206,7 +226,7 @@ mod tests {
 
     #[test]
     fn prompt_positions_carry_no_loss_and_padding_is_masked() {
-        let ex = |p: Vec<u32>, r: Vec<u32>| Example { loss_from: p.len(), tokens: [p, r].concat(), record: None };
+        let ex = |p: Vec<u32>, r: Vec<u32>| Example { loss_spans: vec![p.len()..p.len() + r.len()], tokens: [p, r].concat(), record: None };
         let corpus = TokenCorpus::Examples(vec![ex(vec![1, 2, 3], vec![4, 5]), ex(vec![6], vec![7])]);
         let mut s = SampleSource::new(corpus, 16, 0, false).unwrap();
         let b = s.batch(0, 2);
@@ -220,11 +240,26 @@ mod tests {
 
     #[test]
     fn long_examples_keep_the_reply() {
-        let corpus = TokenCorpus::Examples(vec![Example { tokens: (0..20).collect(), loss_from: 15, record: None }]);
+        let corpus = TokenCorpus::Examples(vec![Example { tokens: (0..20).collect(), loss_spans: vec![15..20], record: None }]);
         let mut s = SampleSource::new(corpus, 8, 0, false).unwrap();
         let b = s.batch(0, 1);
         assert_eq!(b.targets.last(), Some(&19));
         assert_eq!(b.loss_tokens(), 5);
+    }
+
+    #[test]
+    fn every_assistant_turn_carries_loss_and_cut_turns_lose_theirs() {
+        // prompt 0..3, turn 3..5, user 5..7, turn 7..10
+        let spans = vec![3..5, 7..10];
+        let b = Batch::pack(&[fit_to_context(&(0..10).collect::<Vec<u32>>(), &spans, 16)]);
+        // Position t predicts token t+1: positions 2, 3 (tokens 3, 4) and 6, 7, 8.
+        assert_eq!(b.loss_mask, [0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        // A context of 5 drops the first 4 tokens: the first turn keeps only token 4, which
+        // position 0 cannot predict (nothing before it).
+        let cut = fit_to_context(&(0..10).collect::<Vec<u32>>(), &spans, 5);
+        assert_eq!(cut.tokens, (4..10).collect::<Vec<u32>>());
+        assert_eq!(cut.loss_spans, [0..1, 3..6]);
+        assert_eq!(Batch::pack(&[cut]).loss_mask, [0.0, 0.0, 1.0, 1.0, 1.0]);
     }
 
     #[test]

@@ -1,23 +1,65 @@
-//! Reading corpora: plain text for next-token LM, JSONL prompt/reply records for
+//! Reading corpora: plain text for next-token LM, JSONL prompt/reply or chat records for
 //! supervised fine-tuning (loss on reply tokens only), and the train/validation split.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use super::chat::{ASSISTANT, ChatMessage};
 use crate::rng::{Stream, derive_seed, permutation};
 
-/// One prompt/reply record from a JSONL file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// One record from a JSONL file: `{"prompt", "reply"}`, or `{"messages": [{"role",
+/// "content"}, …]}` whose last message is the assistant's reply.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptReply {
+    /// The prompt (for a chat record, the last message before the reply).
     pub prompt: String,
+    /// The reference reply (for a chat record, the last message's content).
     pub reply: String,
     /// Every reply a verifier accepts (tasks with many right answers); empty means only
     /// `reply` is right.
     #[serde(default)]
     pub answers: Vec<String>,
+    /// A chat record's whole conversation; empty for prompt/reply records.
+    #[serde(skip)]
+    pub messages: Vec<ChatMessage>,
+}
+
+/// The JSONL shape of a chat record.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatRecord {
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    answers: Vec<String>,
+}
+
+impl PromptReply {
+    fn parse(line: &str) -> std::result::Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        if value.get("messages").is_none() {
+            return serde_json::from_value(value).map_err(|e| e.to_string());
+        }
+        let ChatRecord { messages, answers } = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        let Some((last, earlier)) = messages.split_last().filter(|(last, _)| last.role == ASSISTANT) else {
+            return Err("a chat record's last message must be the assistant's reply".into());
+        };
+        let prompt = earlier.last().map_or(String::new(), |m| m.content.clone());
+        Ok(Self { prompt, reply: last.content.clone(), answers, messages })
+    }
+
+    /// The record as a conversation: its messages, or the prompt as a user turn and the reply
+    /// as the assistant's.
+    pub fn conversation(&self) -> Vec<ChatMessage> {
+        if self.messages.is_empty() {
+            vec![ChatMessage::new("user", &self.prompt), ChatMessage::new(ASSISTANT, &self.reply)]
+        } else {
+            self.messages.clone()
+        }
+    }
 }
 
 /// JSONL records read from one file, with how many bad lines were skipped.
@@ -35,7 +77,7 @@ pub fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// Parses JSONL `{"prompt": ..., "reply": ...}` lines. A bad line is an error naming
+/// Parses JSONL `{"prompt": ..., "reply": ...}` or `{"messages": [...]}` lines. A bad line is an error naming
 /// `file:line`, unless `skip_bad_lines`, which skips and counts it. Blank lines are ignored.
 pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<JsonlRecords> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read corpus {}", path.display()))?;
@@ -45,12 +87,13 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<JsonlRecords> {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<PromptReply>(line) {
+        match PromptReply::parse(line) {
             Ok(r) => records.push(r),
             Err(_) if skip_bad_lines => skipped_lines += 1,
             Err(e) => bail!(
-                "{}:{}: bad JSONL record ({e}); expected {{\"prompt\": ..., \"reply\": ...}} \
-                 (set data.skip_bad_lines: true to skip such lines)",
+                "{}:{}: bad JSONL record ({e}); expected {{\"prompt\": ..., \"reply\": ...}} or \
+                 {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} (set data.skip_bad_lines: true \
+                 to skip such lines)",
                 path.display(),
                 i + 1
             ),
@@ -62,20 +105,27 @@ pub fn read_jsonl(path: &Path, skip_bad_lines: bool) -> Result<JsonlRecords> {
     Ok(JsonlRecords { records, skipped_lines })
 }
 
-/// A token sequence with the position where the loss starts (0 for plain text).
+/// A record's token sequence and the token ranges the loss covers: the reply, or every
+/// assistant turn of a conversation. The last range is the reply; what precedes it is the
+/// prompt a sampling objective or evaluation generates from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub tokens: Vec<u32>,
-    /// Tokens before this index (the prompt) are context only: no loss on predicting them.
-    pub loss_from: usize,
+    /// Tokens predicted with loss, in order; tokens outside them are context only.
+    pub loss_spans: Vec<Range<usize>>,
     /// The JSONL record it came from (rewards and evaluation need its texts).
     pub record: Option<std::sync::Arc<PromptReply>>,
 }
 
 impl Example {
+    /// Where the reply (the last loss span) starts.
+    pub fn prompt_len(&self) -> usize {
+        self.loss_spans.last().map_or(self.tokens.len(), |s| s.start)
+    }
+
     /// The prompt's tokens.
     pub fn prompt_tokens(&self) -> &[u32] {
-        &self.tokens[..self.loss_from]
+        &self.tokens[..self.prompt_len()]
     }
 }
 
@@ -154,6 +204,26 @@ mod tests {
     }
 
     #[test]
+    fn chat_records_keep_their_conversation_and_must_end_with_the_reply() {
+        let f = write_tmp(concat!(
+            r#"{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answers": ["a", "b"]}"#,
+            "\n",
+            r#"{"prompt": "p", "reply": "r"}"#,
+            "\n"
+        ));
+        let r = read_jsonl(f.path(), false).unwrap().records;
+        assert_eq!((r[0].prompt.as_str(), r[0].reply.as_str(), r[0].answers.len()), ("q", "a", 2));
+        assert_eq!(r[0].conversation().len(), 3);
+        assert_eq!(r[1].conversation(), [ChatMessage::new("user", "p"), ChatMessage::new(ASSISTANT, "r")]);
+        let f = write_tmp("{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n");
+        let e = read_jsonl(f.path(), false).unwrap_err().to_string();
+        assert!(e.contains(":1:") && e.contains("last message"), "{e}");
+        let f = write_tmp("{\"messages\": [{\"role\": \"user\", \"text\": \"q\"}]}\n");
+        let e = read_jsonl(f.path(), false).unwrap_err().to_string();
+        assert!(e.contains(":1:") && e.contains("text"), "{e}");
+    }
+
+    #[test]
     fn missing_field_is_a_bad_line() {
         let f = write_tmp("{\"prompt\": \"a\"}\n");
         let e = read_jsonl(f.path(), false).unwrap_err().to_string();
@@ -175,7 +245,7 @@ mod tests {
     #[test]
     fn example_split_is_disjoint_seeded_and_complete() {
         let examples: Vec<Example> =
-            (0..200).map(|i| Example { tokens: vec![i], loss_from: 0, record: None }).collect();
+            (0..200).map(|i| Example { tokens: vec![i], loss_spans: vec![0..1], record: None }).collect();
         let run = |seed| match split(TokenCorpus::Examples(examples.clone()), 0.25, seed).unwrap() {
             (TokenCorpus::Examples(t), TokenCorpus::Examples(v)) => (t, v),
             _ => panic!(),

@@ -12,15 +12,20 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::chat::{ChatTemplate, TOKENIZER_CONFIG_FILE, TokenizerSettings};
+
 /// The end-of-text token polyburn adds to the tokenizers it builds.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 /// Names other tokenizers commonly use for end of sequence, tried in this order.
 const EOS_CANDIDATES: [&str; 4] = [EOS_TOKEN, "</s>", "<eos>", "<|im_end|>"];
 
+/// A tokenizer with what transformers keeps beside it in `tokenizer_config.json`: the end
+/// token (when it names one) and the chat template.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     eos: Option<u32>,
+    chat_template: Option<ChatTemplate>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -32,7 +37,50 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     fn wrap(inner: Tokenizer) -> Self {
         let eos = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t));
-        Self { inner, eos }
+        Self { inner, eos, chat_template: None }
+    }
+
+    /// A model or run folder: its `tokenizer.json`, and the `eos_token` and `chat_template` of
+    /// its `tokenizer_config.json` when it has one.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let mut tok = Self::from_file(&dir.join(crate::hub::TOKENIZER_FILE))?;
+        let settings = TokenizerSettings::read_folder(dir)?;
+        if let Some(eos) = &settings.eos_token {
+            // A name missing from the vocabulary keeps the guessed end token.
+            if let Some(id) = tok.inner.token_to_id(eos) {
+                tok.eos = Some(id);
+            }
+        }
+        let template = settings.chat_template.as_deref();
+        tok.set_chat_template(template, settings.bos_token.as_deref().unwrap_or(""))
+            .with_context(|| format!("{}", dir.join(TOKENIZER_CONFIG_FILE).display()))?;
+        Ok(tok)
+    }
+
+    /// Writes `tokenizer.json` and, when there is an end token or a chat template, the
+    /// `tokenizer_config.json` that [`Self::from_folder`] (and transformers) read back.
+    pub fn save_folder(&self, dir: &Path) -> Result<()> {
+        self.save(&dir.join(crate::hub::TOKENIZER_FILE))?;
+        let settings = TokenizerSettings {
+            chat_template: self.chat_template.as_ref().map(|t| t.source().to_string()),
+            bos_token: self.chat_template.as_ref().map(|t| t.bos_token().to_string()).filter(|b| !b.is_empty()),
+            eos_token: self.eos.and_then(|id| self.inner.id_to_token(id)),
+        };
+        if settings != TokenizerSettings::default() {
+            settings.write(&dir.join(TOKENIZER_CONFIG_FILE))?;
+        }
+        Ok(())
+    }
+
+    /// Sets (or with `None` removes) the chat template; its `eos_token` is this tokenizer's.
+    pub fn set_chat_template(&mut self, source: Option<&str>, bos_token: &str) -> Result<()> {
+        let eos_token = self.eos.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default();
+        self.chat_template = source.map(|s| ChatTemplate::new(s, bos_token, &eos_token)).transpose()?;
+        Ok(())
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -82,8 +130,10 @@ impl TextTokenizer {
         Ok(Self::wrap(inner))
     }
 
+    /// Writes `tokenizer.json` crash-safely (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.inner.save(path, false).map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        let json = self.inner.to_string(false).map_err(|e| anyhow!("serialising the tokenizer: {e}"))?;
+        crate::weights::write_file_atomic(path, json.as_bytes())
     }
 
     pub fn vocab_size(&self) -> usize {

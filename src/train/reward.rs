@@ -101,7 +101,7 @@ mod tests {
     use super::*;
 
     fn record(reply: &str, answers: &[&str]) -> PromptReply {
-        PromptReply { prompt: "p".into(), reply: reply.into(), answers: answers.iter().map(|s| s.to_string()).collect() }
+        PromptReply { prompt: "p".into(), reply: reply.into(), answers: answers.iter().map(|s| s.to_string()).collect(), ..Default::default() }
     }
 
     #[test]

@@ -668,7 +668,7 @@ pub fn requested_step(run_dir: &Path, step: Option<u64>, best: bool) -> Result<O
 
 pub fn load_checkpointed_model(run_dir: &Path, step: Option<u64>) -> Result<CheckpointedModel> {
     let config = saved_config(run_dir, &[])?;
-    let tokenizer = crate::data::TextTokenizer::from_file(&run_dir.join(crate::data::TOKENIZER_FILE))?;
+    let tokenizer = crate::data::TextTokenizer::from_folder(run_dir)?;
     let ckpt = match step {
         Some(step) => checkpoint::list_checkpoints(run_dir)?
             .into_iter()

@@ -133,3 +133,39 @@ pub fn run_with_stdin(args: &[&str], input: &str) -> Run {
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     Run { output: child.wait_with_output().expect("wait for polyburn") }
 }
+
+/// A chat corpus in `dir` made from the arithmetic records: conversations of one to three
+/// question/answer turns, every fourth with a system message.
+pub fn write_chat_corpus(dir: &Path) -> PathBuf {
+    let qa: Vec<serde_json::Value> = std::fs::read_to_string(repo_root().join("data/arithmetic.jsonl"))
+        .unwrap()
+        .lines()
+        .take(120)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut lines = Vec::new();
+    let mut next = qa.iter();
+    for i in 0.. {
+        let mut messages = Vec::new();
+        if i % 4 == 0 {
+            messages.push(serde_json::json!({"role": "system", "content": "Add."}));
+        }
+        for _ in 0..1 + i % 3 {
+            let Some(r) = next.next() else { break };
+            messages.push(serde_json::json!({"role": "user", "content": r["prompt"]}));
+            messages.push(serde_json::json!({"role": "assistant", "content": r["reply"]}));
+        }
+        if messages.len() < 2 || messages.last().unwrap()["role"] != "assistant" {
+            break;
+        }
+        lines.push(serde_json::json!({"messages": messages}).to_string());
+    }
+    let path = dir.join("chat.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// The Qwen2 chat template fixture.
+pub fn qwen2_template() -> PathBuf {
+    repo_root().join("tests/fixtures/chat/qwen2.jinja")
+}

@@ -17,7 +17,7 @@ use super::norm::NormKind;
 use super::transformer::{Gpt, GptConfig};
 use crate::config::LoraConfig;
 use crate::data::TextTokenizer;
-use crate::hub::{TOKENIZER_FILE, resolve, weight_files};
+use crate::hub::{resolve, weight_files};
 pub use gpt2::gpt2_name;
 
 /// A pretrained model ready to run.
@@ -48,14 +48,16 @@ pub fn load_pretrained(id_or_path: &str, device: &Device) -> Result<PretrainedMo
             config_path.display()
         ),
     };
-    let tokenizer = TextTokenizer::from_file(&dir.join(TOKENIZER_FILE))?;
+    let tokenizer = TextTokenizer::from_folder(&dir)?;
     Ok(PretrainedModel { dir, config, model, tokenizer, eos_token_id })
 }
 
 /// Writes `model` as a Hugging Face model folder (`config.json`, `model.safetensors` with HF
-/// names and layouts, `tokenizer.json` copied from `tokenizer_file`): GPT-2 for polyburn's
-/// own GPT shape, Llama (or Qwen2, with q/k/v biases) for the Llama shape.
-pub fn export_pretrained(model: &Gpt, config: &GptConfig, tokenizer_file: &Path, eos: Option<u32>, out: &Path) -> Result<()> {
+/// names and layouts, `tokenizer.json` and, with an end token or chat template,
+/// `tokenizer_config.json`): GPT-2 for polyburn's own GPT shape, Llama (or Qwen2, with q/k/v
+/// biases) for the Llama shape.
+pub fn export_pretrained(model: &Gpt, config: &GptConfig, tokenizer: &TextTokenizer, out: &Path) -> Result<()> {
+    let eos = tokenizer.eos_id();
     let (hf_config, tensors) = match (config.arch.norm, config.arch.rope_theta) {
         (NormKind::Layer, None) => gpt2::export(model, config, eos)?,
         (NormKind::Rms, Some(theta)) => llama::export(model, config, theta, eos)?,
@@ -63,8 +65,7 @@ pub fn export_pretrained(model: &Gpt, config: &GptConfig, tokenizer_file: &Path,
     };
     write_safetensors(&out.join("model.safetensors"), &tensors, out)?;
     crate::weights::write_file_atomic(&out.join("config.json"), serde_json::to_string_pretty(&hf_config)?.as_bytes())?;
-    let tokenizer = std::fs::read(tokenizer_file).with_context(|| format!("reading {}", tokenizer_file.display()))?;
-    crate::weights::write_file_atomic(&out.join(TOKENIZER_FILE), &tokenizer)
+    tokenizer.save_folder(out)
 }
 
 pub(crate) type NamedTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;

@@ -14,7 +14,7 @@ use super::rollout::{Rollout, Rollouts};
 use super::sft::BatchTensors;
 use super::{Loss, StepInput};
 use crate::config::{Config, KernelsConfig, LossType, ObjectiveType};
-use crate::data::{Batch, Example, TextTokenizer, fit_to_context};
+use crate::data::{Batch, Example, LossSequence, TextTokenizer, fit_to_context};
 use crate::diversity::{DiversityMetric, distinct_replies, lcs_distances, lexical_diversity, mean_pair_distance, semantic_distances};
 use crate::model::generate::{Decoding, SamplingOptions, generate_batch};
 use crate::model::encoder::{SentenceEncoder, mean_pool_normalized};
@@ -36,7 +36,7 @@ impl ReplyBatch {
     /// `rows[i] = (prompt, reply, stopped)`; a reply that ended by choice gets `eos` appended so
     /// its stopping decision is trained too. Over-long rows lose prompt tokens from the left.
     pub fn new(rows: &[(&[u32], &[u32], bool)], eos: u32, context: usize, device: &Device) -> Self {
-        let sequences: Vec<(Vec<u32>, usize)> = rows
+        let sequences: Vec<LossSequence> = rows
             .iter()
             .map(|(prompt, reply, stopped)| {
                 let mut seq = prompt.to_vec();
@@ -44,7 +44,7 @@ impl ReplyBatch {
                 if *stopped {
                     seq.push(eos);
                 }
-                fit_to_context(&seq, prompt.len(), context)
+                fit_to_context(&seq, &[prompt.len()..seq.len()], context)
             })
             .collect();
         let batch = Batch::pack(&sequences);
