@@ -126,6 +126,19 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// The marker the template closes an assistant turn with (Qwen2's `<|im_end|>`): the text
+    /// after a placeholder reply in its assistant turn, up to the first whitespace; `None` when
+    /// the turn ends with the reply itself.
+    pub fn end_of_turn(&self) -> Result<Option<String>> {
+        const REPLY: &str = "\u{E001}";
+        let messages = [ChatMessage::new("user", "\u{E000}"), ChatMessage::new(ASSISTANT, REPLY)];
+        let turn = self.segments(&messages)?.into_iter().find(|s| s.assistant).map(|s| s.text).unwrap_or_default();
+        let after = turn.rsplit_once(REPLY).map_or("", |(_, after)| after);
+        Ok(after.split_whitespace().next().map(str::to_string))
+    }
+}
+
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=…)`,
 /// whose separators are `", "` and `": "` (`","` at line ends when indenting).
 fn python_json(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
@@ -271,6 +284,13 @@ mod tests {
         assert_eq!(turns, ["hello<|im_end|>\n", "ciao<|im_end|>\n"]);
         assert!(segments[0].text.ends_with("<|im_start|>assistant\n") && !segments[0].assistant);
         assert_eq!(segments.len(), 4);
+    }
+
+    #[test]
+    fn the_end_of_turn_marker_is_what_follows_the_reply() {
+        assert_eq!(ChatTemplate::new(QWEN2, "", "").unwrap().end_of_turn().unwrap().as_deref(), Some("<|im_end|>"));
+        let plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}";
+        assert_eq!(ChatTemplate::new(plain, "", "").unwrap().end_of_turn().unwrap(), None);
     }
 
     #[test]

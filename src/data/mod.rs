@@ -143,11 +143,17 @@ fn build_tokenizer(config: &Config, corpus: &RawCorpus) -> Result<TextTokenizer>
             template_file.as_deref().map(|t| ChatTemplate::new(t, "", tokenizer::EOS_TOKEN)).transpose().context("data.chat_template")?;
         let texts = corpus.texts(render_with.as_ref())?;
         let texts = texts.iter().map(String::as_str);
-        match config.data.tokenizer.as_str() {
+        let mut tok = match config.data.tokenizer.as_str() {
             "char" => TextTokenizer::build_char_level(texts)?,
             "bpe" => TextTokenizer::train_byte_bpe(texts, config.model.vocab_size.unwrap_or(1024))?,
             path => TextTokenizer::from_file(Path::new(path)).context("data.tokenizer")?,
+        };
+        // A template that closes turns with its own marker (`<|im_end|>`) gets it as one
+        // special token and the end token: replies then stop where the template ends a turn.
+        if let Some(marker) = render_with.as_ref().map(ChatTemplate::end_of_turn).transpose()?.flatten() {
+            tok.set_end_token(&marker);
         }
+        tok
     };
     match (choice, template_file) {
         (_, Some(source)) => {

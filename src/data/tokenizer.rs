@@ -79,6 +79,15 @@ impl TextTokenizer {
         Ok(())
     }
 
+    /// Makes `token` a special token (added when missing) and the end token: a chat
+    /// template's end-of-turn marker, so that generation stops where the template ends a turn.
+    pub fn set_end_token(&mut self, token: &str) {
+        if self.inner.token_to_id(token).is_none() {
+            self.inner.add_special_tokens(&[AddedToken::from(token.to_string(), true)]);
+        }
+        self.eos = self.inner.token_to_id(token);
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }
@@ -172,8 +181,14 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Text of `ids`, special tokens (end of text, chat markers) left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// Text of `ids` with the special tokens written out.
+    pub fn decode_with_special_tokens(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding: {e}"))
     }
 }
 
