@@ -130,7 +130,7 @@ fn bad_template_settings_name_the_field() {
     let train = format!("data.train={}", corpus.display());
     // Chat records without a template.
     let r = run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &train]).fails();
-    assert!(r.stderr().contains("data.chat_template"), "{}", r.stderr());
+    assert!(r.stderr().contains("data.chat_template") && r.stderr().contains(&format!("{}: record 1", corpus.display())), "{}", r.stderr());
     // A template file that does not exist.
     let r = run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &train, "--set", "data.chat_template=/no/such.jinja"]).fails();
     assert!(r.stderr().contains("data.chat_template") && r.stderr().contains("/no/such.jinja"), "{}", r.stderr());

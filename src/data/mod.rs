@@ -23,7 +23,8 @@ pub use crate::hub::TOKENIZER_FILE;
 /// Raw text of one corpus file, in the shape its format implies.
 enum RawCorpus {
     Text(String),
-    PromptReply(Vec<corpus::PromptReply>),
+    /// The records and the file they came from (errors name it).
+    PromptReply(Vec<corpus::PromptReply>, PathBuf),
 }
 
 impl RawCorpus {
@@ -35,7 +36,7 @@ impl RawCorpus {
         };
         if is_jsonl {
             let r = corpus::read_jsonl(path, skip_bad_lines)?;
-            Ok((RawCorpus::PromptReply(r.records), r.skipped_lines))
+            Ok((RawCorpus::PromptReply(r.records, path.to_path_buf()), r.skipped_lines))
         } else {
             Ok((RawCorpus::Text(corpus::read_text(path)?), 0))
         }
@@ -50,24 +51,29 @@ impl RawCorpus {
     fn texts(&self, template: Option<&ChatTemplate>) -> Result<Vec<String>> {
         match (self, template) {
             (RawCorpus::Text(t), _) => Ok(vec![t.clone()]),
-            (RawCorpus::PromptReply(r), None) => Ok(r.iter().flat_map(|r| [r.prompt.clone(), r.reply.clone()]).collect()),
-            (RawCorpus::PromptReply(r), Some(t)) => r.iter().map(|r| t.render(&r.conversation(), false)).collect(),
+            (RawCorpus::PromptReply(r, _), None) => Ok(r.iter().flat_map(|r| [r.prompt.clone(), r.reply.clone()]).collect()),
+            (RawCorpus::PromptReply(r, path), Some(t)) => r
+                .iter()
+                .enumerate()
+                .map(|(i, r)| t.render(&r.conversation(), false).with_context(|| format!("{}: record {}", path.display(), i + 1)))
+                .collect(),
         }
     }
 
     fn tokenize(&self, tok: &TextTokenizer) -> Result<TokenCorpus> {
         match self {
             RawCorpus::Text(t) => Ok(TokenCorpus::Stream(tok.encode_corpus(t)?)),
-            RawCorpus::PromptReply(records) => {
+            RawCorpus::PromptReply(records, path) => {
                 let examples = records
                     .iter()
                     .enumerate()
                     .map(|(i, r)| {
                         let record = Some(std::sync::Arc::new(r.clone()));
                         let (tokens, loss_spans) = match tok.chat_template() {
-                            Some(template) => chat_tokens(tok, template, r).with_context(|| format!("record {}", i + 1))?,
-                            None => plain_tokens(tok, r)?,
-                        };
+                            Some(template) => chat_tokens(tok, template, r),
+                            None => plain_tokens(tok, r),
+                        }
+                        .with_context(|| format!("{}: record {}", path.display(), i + 1))?;
                         Ok(Example { tokens, loss_spans, record })
                     })
                     .collect::<Result<Vec<_>>>()?;
