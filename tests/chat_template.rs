@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use polyburn::config::Config;
@@ -121,41 +121,47 @@ fn a_pretrained_models_template_is_used_unless_none() {
     assert!(e.contains("data.chat_template"), "{e}");
 }
 
+/// The chat corpus and the tiny config (writing to `out/`) in `dir`: `(config, out, corpus)`.
+fn chat_run(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let out = dir.join("out");
+    (write_config(dir, "c.yaml", &tiny_text_config(&out)), out, write_chat_corpus(dir))
+}
+
+/// `polyburn train --config CONFIG --quiet` with `--set`s.
+fn train(config: &Path, sets: &[&str]) -> Run {
+    let mut args = vec!["train", "--config", config.to_str().unwrap(), "--quiet"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    run(&args)
+}
+
 #[test]
 fn bad_template_settings_name_the_field() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_chat_corpus(tmp.path());
-    let out = tmp.path().join("out");
-    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
-    let train = format!("data.train={}", corpus.display());
+    let (cfg, _, corpus) = chat_run(tmp.path());
+    let train_set = format!("data.train={}", corpus.display());
     // Chat records without a template.
-    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &train]).fails();
+    let r = train(&cfg, &[&train_set]).fails();
     assert!(r.stderr().contains("data.chat_template") && r.stderr().contains(&format!("{}: record 1", corpus.display())), "{}", r.stderr());
     // A template file that does not exist.
-    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &train, "--set", "data.chat_template=/no/such.jinja"]).fails();
+    let r = train(&cfg, &[&train_set, "data.chat_template=/no/such.jinja"]).fails();
     assert!(r.stderr().contains("data.chat_template") && r.stderr().contains("/no/such.jinja"), "{}", r.stderr());
     // One that does not compile names the template's error.
     let broken = write_config(tmp.path(), "broken.jinja", "{% for m in messages %}{{ m.content }}");
-    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &train, "--set", &format!("data.chat_template={}", broken.display())])
-        .fails();
+    let r = train(&cfg, &[&train_set, &format!("data.chat_template={}", broken.display())]).fails();
     assert!(r.stderr().contains("data.chat_template") && r.stderr().contains("compile"), "{}", r.stderr());
     // A template for plain text.
-    let r = run(&["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", &format!("data.chat_template={}", qwen2_template().display())]).fails();
+    let r = train(&cfg, &[&format!("data.chat_template={}", qwen2_template().display())]).fails();
     assert!(r.stderr().contains("plain text"), "{}", r.stderr());
 }
 
 #[test]
 fn generate_chat_sends_the_prompt_through_the_runs_template() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = write_chat_corpus(tmp.path());
-    let out = tmp.path().join("out");
-    let cfg = write_config(tmp.path(), "c.yaml", &tiny_text_config(&out));
+    let (cfg, out, corpus) = chat_run(tmp.path());
     let sets = [format!("data.train={}", corpus.display()), format!("data.chat_template={}", qwen2_template().display())];
-    let mut args = vec!["train", "--config", cfg.to_str().unwrap(), "--quiet", "--set", "training.max_steps=2", "--set", "model.context_length=128"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    run(&args).ok();
+    train(&cfg, &[&sets[0], &sets[1], "training.max_steps=2", "model.context_length=128"]).ok();
     let prompt_ids = |chat: bool| {
         let mut a = vec!["generate", "--run", out.to_str().unwrap(), "--prompt", "1+1=", "--max-new-tokens", "3", "--json"];
         if chat {

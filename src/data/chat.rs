@@ -76,10 +76,6 @@ impl ChatTemplate {
         &self.source
     }
 
-    pub fn bos_token(&self) -> &str {
-        &self.bos_token
-    }
-
     /// `apply_chat_template(messages, tokenize=False, add_generation_prompt=…)`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME).expect("added in new");

@@ -5,6 +5,7 @@ pub mod chat;
 pub mod corpus;
 pub mod tokenizer;
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -48,14 +49,17 @@ impl RawCorpus {
 
     /// The texts a tokenizer is built from: what tokenizing will see, so records as the chat
     /// template renders them.
-    fn texts(&self, template: Option<&ChatTemplate>) -> Result<Vec<String>> {
+    fn texts(&self, template: Option<&ChatTemplate>) -> Result<Vec<Cow<'_, str>>> {
         match (self, template) {
-            (RawCorpus::Text(t), _) => Ok(vec![t.clone()]),
-            (RawCorpus::PromptReply(r, _), None) => Ok(r.iter().flat_map(|r| [r.prompt.clone(), r.reply.clone()]).collect()),
+            (RawCorpus::Text(t), _) => Ok(vec![Cow::Borrowed(t)]),
+            (RawCorpus::PromptReply(r, _), None) => Ok(r.iter().flat_map(|r| [r.prompt.as_str().into(), r.reply.as_str().into()]).collect()),
             (RawCorpus::PromptReply(r, path), Some(t)) => r
                 .iter()
                 .enumerate()
-                .map(|(i, r)| t.render(&r.conversation(), false).with_context(|| format!("{}: record {}", path.display(), i + 1)))
+                .map(|(i, r)| {
+                    let text = t.render(&r.conversation(), false);
+                    text.map(Cow::Owned).with_context(|| format!("{}: record {}", path.display(), i + 1))
+                })
                 .collect(),
         }
     }
@@ -148,7 +152,7 @@ fn build_tokenizer(config: &Config, corpus: &RawCorpus) -> Result<TextTokenizer>
         let render_with =
             template_file.as_deref().map(|t| ChatTemplate::new(t, "", tokenizer::EOS_TOKEN)).transpose().context("data.chat_template")?;
         let texts = corpus.texts(render_with.as_ref())?;
-        let texts = texts.iter().map(String::as_str);
+        let texts = texts.iter().map(|t| t.as_ref());
         let mut tok = match config.data.tokenizer.as_str() {
             "char" => TextTokenizer::build_char_level(texts)?,
             "bpe" => TextTokenizer::train_byte_bpe(texts, config.model.vocab_size.unwrap_or(1024))?,
@@ -157,16 +161,13 @@ fn build_tokenizer(config: &Config, corpus: &RawCorpus) -> Result<TextTokenizer>
         // A template that closes turns with its own marker (`<|im_end|>`) gets it as one
         // special token and the end token: replies then stop where the template ends a turn.
         if let Some(marker) = render_with.as_ref().map(ChatTemplate::end_of_turn).transpose()?.flatten() {
-            tok.set_end_token(&marker);
+            tok.set_end_token(&marker)?;
         }
         tok
     };
     match (choice, template_file) {
-        (_, Some(source)) => {
-            let bos = tok.chat_template().map(|t| t.bos_token().to_string()).unwrap_or_default();
-            tok.set_chat_template(Some(&source), &bos).context("data.chat_template")?
-        }
-        (CHAT_TEMPLATE_NONE, None) => tok.set_chat_template(None, "")?,
+        (_, Some(source)) => tok.set_chat_template(Some(&source)).context("data.chat_template")?,
+        (CHAT_TEMPLATE_NONE, None) => tok.set_chat_template(None)?,
         _ => {}
     }
     Ok(tok)

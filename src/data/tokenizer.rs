@@ -25,6 +25,9 @@ const EOS_CANDIDATES: [&str; 4] = [EOS_TOKEN, "</s>", "<eos>", "<|im_end|>"];
 pub struct TextTokenizer {
     inner: Tokenizer,
     eos: Option<u32>,
+    /// `bos_token` of the tokenizer config: chat templates write it, nothing else uses it.
+    bos_token: Option<String>,
+    /// Compiled with this tokenizer's `bos_token` and end token.
     chat_template: Option<ChatTemplate>,
 }
 
@@ -37,7 +40,7 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     fn wrap(inner: Tokenizer) -> Self {
         let eos = EOS_CANDIDATES.iter().find_map(|t| inner.token_to_id(t));
-        Self { inner, eos, chat_template: None }
+        Self { inner, eos, bos_token: None, chat_template: None }
     }
 
     /// A model or run folder: its `tokenizer.json`, and the `eos_token` and `chat_template` of
@@ -51,8 +54,8 @@ impl TextTokenizer {
                 tok.eos = Some(id);
             }
         }
-        let template = settings.chat_template.as_deref();
-        tok.set_chat_template(template, settings.bos_token.as_deref().unwrap_or(""))
+        tok.bos_token = settings.bos_token;
+        tok.set_chat_template(settings.chat_template.as_deref())
             .with_context(|| format!("{}", dir.join(TOKENIZER_CONFIG_FILE).display()))?;
         Ok(tok)
     }
@@ -63,8 +66,8 @@ impl TextTokenizer {
         self.save(&dir.join(crate::hub::TOKENIZER_FILE))?;
         let settings = TokenizerSettings {
             chat_template: self.chat_template.as_ref().map(|t| t.source().to_string()),
-            bos_token: self.chat_template.as_ref().map(|t| t.bos_token().to_string()).filter(|b| !b.is_empty()),
-            eos_token: self.eos.and_then(|id| self.inner.id_to_token(id)),
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token(),
         };
         if settings != TokenizerSettings::default() {
             settings.write(&dir.join(TOKENIZER_CONFIG_FILE))?;
@@ -72,20 +75,29 @@ impl TextTokenizer {
         Ok(())
     }
 
-    /// Sets (or with `None` removes) the chat template; its `eos_token` is this tokenizer's.
-    pub fn set_chat_template(&mut self, source: Option<&str>, bos_token: &str) -> Result<()> {
-        let eos_token = self.eos.and_then(|id| self.inner.id_to_token(id)).unwrap_or_default();
-        self.chat_template = source.map(|s| ChatTemplate::new(s, bos_token, &eos_token)).transpose()?;
+    /// The end token's text.
+    fn eos_token(&self) -> Option<String> {
+        self.eos.and_then(|id| self.inner.id_to_token(id))
+    }
+
+    /// Sets (or with `None` removes) the chat template, compiled with this tokenizer's
+    /// `bos_token` and end token.
+    pub fn set_chat_template(&mut self, source: Option<&str>) -> Result<()> {
+        let (bos, eos) = (self.bos_token.clone().unwrap_or_default(), self.eos_token().unwrap_or_default());
+        self.chat_template = source.map(|s| ChatTemplate::new(s, &bos, &eos)).transpose()?;
         Ok(())
     }
 
     /// Makes `token` a special token (added when missing) and the end token: a chat
     /// template's end-of-turn marker, so that generation stops where the template ends a turn.
-    pub fn set_end_token(&mut self, token: &str) {
+    /// A chat template already set is recompiled with it.
+    pub fn set_end_token(&mut self, token: &str) -> Result<()> {
         if self.inner.token_to_id(token).is_none() {
             self.inner.add_special_tokens(&[AddedToken::from(token.to_string(), true)]);
         }
         self.eos = self.inner.token_to_id(token);
+        let source = self.chat_template.as_ref().map(|t| t.source().to_string());
+        self.set_chat_template(source.as_deref())
     }
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
