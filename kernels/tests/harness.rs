@@ -55,27 +55,45 @@ fn forward_and_grads<const D: usize, const O: usize>(
     (values(out.inner()), input_grads)
 }
 
+/// Document ids `[b, tk]` for rows packing `docs` documents: row `r` cut at boundaries that
+/// differ per row (some documents shorter than a tile, some crossing tile edges).
+fn packed_documents(b: usize, tk: usize, docs: usize) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(b * tk);
+    for row in 0..b {
+        // Boundaries at pseudo-random, strictly increasing positions inside 1..tk.
+        let mut cuts: Vec<usize> = (1..docs).map(|d| (d * tk / docs + (row * 7 + d * 13) % (tk / docs).max(1) / 2).min(tk - 1)).collect();
+        cuts.dedup();
+        ids.extend((0..tk).map(|j| cuts.iter().filter(|&&c| c <= j).count() as i64));
+    }
+    ids
+}
+
 #[test]
 fn flash_attention_matches_reference_forward_and_gradients() {
     let tol = Tolerance { atol: 2e-5, rtol: 1e-4 };
-    // (batch, heads, tq, tk, head_dim, causal, padded keys at the end)
+    // (batch, heads, tq, tk, head_dim, causal, padded keys at the end, packed documents per row)
     let cases = [
-        (1, 1, 1, 1, 3, true, 0),
-        (2, 2, 7, 7, 1, true, 0),
-        (1, 2, 33, 33, 3, false, 0),
-        (2, 1, 33, 33, 384, true, 0),
-        (1, 1, 257, 257, 16, true, 0),
-        (2, 3, 65, 65, 64, false, 5),
-        (2, 2, 70, 70, 8, true, 9),
-        (2, 2, 1, 33, 8, true, 0),   // decoding: one query against a cache of keys
-        (1, 2, 7, 40, 5, true, 3),   // a chunk of queries after a cached prefix
-        (1, 2, 9, 4, 8, true, 0),    // more queries than keys: the first 5 see none (output 0)
-        (2, 2, 300, 300, 16, false, 7), // several 128-row tiles, not causal, padded
-        (1, 1, 200, 200, 32, true, 5),  // several tiles, causal and padded
+        (1, 1, 1, 1, 3, true, 0, 0),
+        (2, 2, 7, 7, 1, true, 0, 0),
+        (1, 2, 33, 33, 3, false, 0, 0),
+        (2, 1, 33, 33, 384, true, 0, 0),
+        (1, 1, 257, 257, 16, true, 0, 0),
+        (2, 3, 65, 65, 64, false, 5, 0),
+        (2, 2, 70, 70, 8, true, 9, 0),
+        (2, 2, 1, 33, 8, true, 0, 0),   // decoding: one query against a cache of keys
+        (1, 2, 7, 40, 5, true, 3, 0),   // a chunk of queries after a cached prefix
+        (1, 2, 9, 4, 8, true, 0, 0),    // more queries than keys: the first 5 see none (output 0)
+        (2, 2, 300, 300, 16, false, 7, 0), // several 128-row tiles, not causal, padded
+        (1, 1, 200, 200, 32, true, 5, 0),  // several tiles, causal and padded
+        (2, 2, 37, 37, 8, true, 0, 3),     // packed documents in one tile
+        (2, 1, 300, 300, 16, true, 0, 7),  // packed: whole tiles skipped, documents crossing tile edges
+        (1, 2, 333, 333, 8, false, 0, 2),  // packed, not causal
+        (2, 2, 150, 150, 24, true, 11, 4), // packed with padded keys
+        (1, 2, 9, 45, 8, true, 0, 5),      // packed keys, queries the last 9 of them
     ];
     for device in devices() {
         let ad = device.clone().autodiff();
-        for (case, &(b, h, tq, tk, d, causal, padded)) in cases.iter().enumerate() {
+        for (case, &(b, h, tq, tk, d, causal, padded, docs)) in cases.iter().enumerate() {
             ad.seed(1000 + case as u64);
             let normal = Distribution::Normal(0.0, 1.0);
             let inputs = vec![
@@ -88,20 +106,48 @@ fn flash_attention_matches_reference_forward_and_gradients() {
                 let mask: Vec<bool> = (0..b * tk).map(|i| i % tk >= tk - padded).collect();
                 Tensor::<2, Bool>::from_data(TensorData::new(mask, [b, tk]), &ad)
             });
+            let documents = (docs > 0).then(|| Tensor::<2, Int>::from_data(TensorData::new(packed_documents(b, tk, docs), [b, tk]), &ad));
             let run = |implementation| {
                 forward_and_grads(&inputs, &weights, |x| {
-                    let options = AttentionOptions { causal, key_padding: padding.clone(), mask: None };
+                    let options = AttentionOptions { causal, key_padding: padding.clone(), documents: documents.clone(), mask: None };
                     let [q, k, v]: [Tensor<4>; 3] = x.try_into().unwrap();
                     attention(q, k, v, options, implementation)
                 })
             };
             let (fused, fused_grads) = run(AttentionImpl::Fused);
             let (reference, reference_grads) = run(AttentionImpl::Reference);
-            let what = format!("{device:?} case {case} B={b} H={h} Tq={tq} Tk={tk} D={d} causal={causal} padded={padded}");
+            let what = format!("{device:?} case {case} B={b} H={h} Tq={tq} Tk={tk} D={d} causal={causal} padded={padded} docs={docs}");
             assert_close(&format!("{what}: output"), &fused, &reference, tol);
             for (name, (f, r)) in ["dq", "dk", "dv"].iter().zip(fused_grads.iter().zip(&reference_grads)) {
                 assert_close(&format!("{what}: {name}"), f, r, tol);
             }
+        }
+    }
+}
+
+/// Packed documents are independent: attention over a row packing two documents equals
+/// attention over each document alone, in both implementations.
+#[test]
+fn packed_documents_attend_only_to_themselves() {
+    let tol = Tolerance { atol: 2e-5, rtol: 1e-4 };
+    for device in devices() {
+        device.seed(5);
+        let (h, d, first, second) = (2, 8, 150, 61);
+        let t = first + second;
+        let normal = Distribution::Normal(0.0, 1.0);
+        let [q, k, v] = [0; 3].map(|_| Tensor::<4>::random([1, h, t, d], normal, &device));
+        let ids: Vec<i64> = (0..t).map(|j| (j >= first) as i64).collect();
+        let documents = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, t]), &device);
+        for implementation in [AttentionImpl::Fused, AttentionImpl::Reference] {
+            let options = AttentionOptions { causal: true, documents: Some(documents.clone()), ..Default::default() };
+            let packed = attention(q.clone(), k.clone(), v.clone(), options, implementation);
+            let alone = |start, len| {
+                let part = |x: &Tensor<4>| x.clone().narrow(2, start, len);
+                let options = AttentionOptions { causal: true, ..Default::default() };
+                attention(part(&q), part(&k), part(&v), options, implementation)
+            };
+            let separate = Tensor::cat(vec![alone(0, first), alone(first, second)], 2);
+            assert_close(&format!("{device:?} {implementation:?} packed vs separate"), &values(packed), &values(separate), tol);
         }
     }
 }

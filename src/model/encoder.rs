@@ -68,7 +68,7 @@ impl BertLayer {
         let head_dim = width / self.heads;
         let split = |t: Tensor<3>| t.reshape([batch, seq, self.heads, head_dim]).swap_dims(1, 2);
         let (q, k, v) = (split(self.query.forward(x.clone())), split(self.key.forward(x.clone())), split(self.value.forward(x.clone())));
-        let options = AttentionOptions { causal: false, key_padding: Some(padding), mask: None };
+        let options = AttentionOptions { causal: false, key_padding: Some(padding), documents: None, mask: None };
         let context = attention(q, k, v, options, AttentionImpl::Reference).swap_dims(1, 2).reshape([batch, seq, width]);
         let x = self.attention_norm.forward(x + self.attention_out.forward(context));
         let h = gelu(self.intermediate.forward(x.clone()));

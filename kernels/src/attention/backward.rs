@@ -13,14 +13,27 @@ use super::FlashAttentionBackend;
 #[derive(Debug)]
 struct FlashAttentionBackward;
 
+/// What the forward keeps for the backward.
+#[derive(Debug, Clone)]
+struct Saved<B: FlashAttentionBackend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    query_segments: FloatTensor<B>,
+    key_segments: FloatTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    causal: bool,
+    scale: f32,
+}
+
 impl<B: FlashAttentionBackend> Backward<B, 3> for FlashAttentionBackward {
-    /// q, k, v, key mask, output, log-sum-exp, causal, scale.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, bool, f32);
+    type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (q, k, v, key_mask, out, lse, causal, scale) = ops.state;
+        let Saved { q, k, v, query_segments, key_segments, out, lse, causal, scale } = ops.state;
         let d_out = grads.consume::<B>(&ops.node);
-        let (dq, dk, dv) = B::flash_attention_backward(q, k, v, key_mask, out, lse, d_out, causal, scale);
+        let (dq, dk, dv) = B::flash_attention_backward(q, k, v, query_segments, key_segments, out, lse, d_out, causal, scale);
         let [pq, pk, pv] = ops.parents;
         for (parent, grad) in [(pq, dq), (pk, dk), (pv, dv)] {
             if let Some(node) = parent {
@@ -35,19 +48,21 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: FloatTensor<Self>,
+        query_segments: FloatTensor<Self>,
+        key_segments: FloatTensor<Self>,
         causal: bool,
         scale: f32,
     ) -> FloatTensor<Self> {
         let prep = FlashAttentionBackward.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful();
         let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let key_mask = key_mask.into_primitive();
+        let (query_segments, key_segments) = (query_segments.into_primitive(), key_segments.into_primitive());
         match prep {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = B::flash_attention_forward(q.clone(), k.clone(), v.clone(), key_mask.clone(), causal, scale);
-                prep.finish((q, k, v, key_mask, out.clone(), lse, causal, scale), out)
+                let (out, lse) =
+                    B::flash_attention_forward(q.clone(), k.clone(), v.clone(), query_segments.clone(), key_segments.clone(), causal, scale);
+                prep.finish(Saved { q, k, v, query_segments, key_segments, out: out.clone(), lse, causal, scale }, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::flash_attention_forward(q, k, v, key_mask, causal, scale).0),
+            OpsKind::UnTracked(prep) => prep.finish(B::flash_attention_forward(q, k, v, query_segments, key_segments, causal, scale).0),
         }
     }
 
@@ -55,11 +70,13 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: FloatTensor<Self>,
+        query_segments: FloatTensor<Self>,
+        key_segments: FloatTensor<Self>,
         causal: bool,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (out, lse) = B::flash_attention_forward(Self::inner(q), Self::inner(k), Self::inner(v), Self::inner(key_mask), causal, scale);
+        let i = Self::inner;
+        let (out, lse) = B::flash_attention_forward(i(q), i(k), i(v), i(query_segments), i(key_segments), causal, scale);
         (Self::from_inner(out), Self::from_inner(lse))
     }
 
@@ -67,7 +84,8 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: FloatTensor<Self>,
+        query_segments: FloatTensor<Self>,
+        key_segments: FloatTensor<Self>,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_out: FloatTensor<Self>,
@@ -75,7 +93,8 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let i = Self::inner;
-        let (dq, dk, dv) = B::flash_attention_backward(i(q), i(k), i(v), i(key_mask), i(out), i(lse), i(d_out), causal, scale);
+        let segments = (i(query_segments), i(key_segments));
+        let (dq, dk, dv) = B::flash_attention_backward(i(q), i(k), i(v), segments.0, segments.1, i(out), i(lse), i(d_out), causal, scale);
         (Self::from_inner(dq), Self::from_inner(dk), Self::from_inner(dv))
     }
 }

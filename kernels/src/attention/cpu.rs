@@ -1,7 +1,8 @@
 //! Flash attention on the CPU (the Flex backend): tiles of queries × keys with an online
 //! softmax, keeping only each row's log-sum-exp; the backward recomputes the scores per tile
 //! (FlashAttention-2). No `[T, T]` buffer exists at any point; work is split over (batch, head)
-//! and query tiles with rayon, and every tile product is a `gemm` call.
+//! and query tiles with rayon, and every tile product is a `gemm` call. Query × key tiles
+//! whose segment ids cannot match (another packed document) are skipped whole.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -37,23 +38,55 @@ impl FlashShape {
     }
 }
 
-/// Forward: returns `(output [B,H,Tq,D], lse [B,H,Tq])`. `key_mask [B, Tk]`: nonzero = padding.
-/// A query row that sees no key gets output 0 and log-sum-exp −∞.
-pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
+/// The smallest and largest segment id of each `TILE` of a row of segment ids.
+fn tile_ranges(segments: &[f32]) -> Vec<(f32, f32)> {
+    segments.chunks(TILE).map(|c| c.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))).collect()
+}
+
+/// Whether two tiles' segment ranges overlap: tiles that do not can share no visible pair.
+fn may_meet(a: (f32, f32), b: (f32, f32)) -> bool {
+    a.0 <= b.1 && b.0 <= a.1
+}
+
+/// One batch row's segment ids (`[Tq]` and `[Tk]`) and their per-tile ranges.
+struct RowSegments<'a> {
+    query: &'a [f32],
+    key: &'a [f32],
+    query_tiles: Vec<(f32, f32)>,
+    key_tiles: Vec<(f32, f32)>,
+}
+
+impl<'a> RowSegments<'a> {
+    fn new(query_segments: &'a [f32], key_segments: &'a [f32], b: usize, s: &FlashShape) -> Self {
+        let query = &query_segments[b * s.tq..(b + 1) * s.tq];
+        let key = &key_segments[b * s.tk..(b + 1) * s.tk];
+        Self { query, key, query_tiles: tile_ranges(query), key_tiles: tile_ranges(key) }
+    }
+
+    /// Whether query tile starting at `r0` and key tile starting at `c0` can share a segment.
+    fn tiles_meet(&self, r0: usize, c0: usize) -> bool {
+        may_meet(self.query_tiles[r0 / TILE], self.key_tiles[c0 / TILE])
+    }
+}
+
+/// Forward: returns `(output [B,H,Tq,D], lse [B,H,Tq])`. Query `i` sees key `j` only where
+/// `query_segments [B, Tq]` and `key_segments [B, Tk]` agree. A query row that sees no key
+/// gets output 0 and log-sum-exp −∞.
+pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], query_segments: &[f32], key_segments: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
     let FlashShape { batch, heads, tq, tk, dim, .. } = s;
     // Poisoned: every tile must write its rows.
     let mut out = vec![f32::NAN; batch * heads * tq * dim];
     let mut lse = vec![f32::NAN; batch * heads * tq];
     // Per (batch, head), then per query tile: each task writes its own disjoint rows.
     out.par_chunks_mut(tq * dim).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out_head, lse_head))| {
-        let b = bh / heads;
+        let segments = RowSegments::new(query_segments, key_segments, bh / heads, &s);
         let (k, v) = (&k[bh * tk * dim..(bh + 1) * tk * dim], &v[bh * tk * dim..(bh + 1) * tk * dim]);
         let q = &q[bh * tq * dim..(bh + 1) * tq * dim];
         out_head.par_chunks_mut(TILE * dim).zip(lse_head.par_chunks_mut(TILE)).enumerate().for_each(|(t, (out_tile, lse_tile))| {
             let r0 = t * TILE;
             let rows = lse_tile.len();
             let q_tile = &q[r0 * dim..(r0 + rows) * dim];
-            with_widest_simd(#[inline(always)] || forward_tile(q_tile, k, v, &key_mask[b * tk..(b + 1) * tk], r0, s, out_tile, lse_tile));
+            with_widest_simd(#[inline(always)] || forward_tile(q_tile, k, v, &segments, r0, s, out_tile, lse_tile));
         });
     });
     (out, lse)
@@ -63,7 +96,7 @@ pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], s: Flash
 /// the tile's output rows and log-sum-exps.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, s: FlashShape, out: &mut [f32], lse: &mut [f32]) {
+fn forward_tile(q: &[f32], k: &[f32], v: &[f32], segments: &RowSegments, r0: usize, s: FlashShape, out: &mut [f32], lse: &mut [f32]) {
     let dim = s.dim;
     let rows = lse.len();
     let mut acc = vec![0f32; rows * dim];
@@ -72,14 +105,18 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], key_mask: &[f32], r0: usize, s:
     let mut scores = vec![0f32; rows * TILE];
     // The tile's last row sees the most keys.
     for c0 in (0..s.visible_keys(r0 + rows - 1)).step_by(TILE) {
+        if !segments.tiles_meet(r0, c0) {
+            continue; // every score of the tile would be masked
+        }
         let cols = TILE.min(s.tk - c0);
         matmul(&mut scores, q, &k[c0 * dim..(c0 + cols) * dim], (rows, cols, dim), false, true, false, Parallelism::None);
-        let mask = &key_mask[c0..c0 + cols];
+        let key_segments = &segments.key[c0..c0 + cols];
         for r in 0..rows {
             let row = &mut scores[r * cols..(r + 1) * cols];
             let visible = s.visible_in_tile(r0 + r, c0, cols);
+            let own = segments.query[r0 + r];
             for (c, x) in row.iter_mut().enumerate() {
-                *x = if c >= visible || mask[c] != 0.0 { f32::NEG_INFINITY } else { *x * s.scale };
+                *x = if c >= visible || key_segments[c] != own { f32::NEG_INFINITY } else { *x * s.scale };
             }
             let new_max = max[r].max(max_of(row));
             if new_max == f32::NEG_INFINITY {
@@ -111,7 +148,8 @@ pub fn flash_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    key_mask: &[f32],
+    query_segments: &[f32],
+    key_segments: &[f32],
     out: &[f32],
     lse: &[f32],
     d_out: &[f32],
@@ -125,14 +163,13 @@ pub fn flash_backward(
         .zip(dv.par_chunks_mut(tk * dim))
         .enumerate()
         .for_each(|(bh, ((dq, dk), dv))| {
-            let b = bh / heads;
             let qs = bh * tq * dim..(bh + 1) * tq * dim;
             let ks = bh * tk * dim..(bh + 1) * tk * dim;
             let inputs = HeadInputs {
                 q: &q[qs.clone()],
                 k: &k[ks.clone()],
                 v: &v[ks],
-                key_mask: &key_mask[b * tk..(b + 1) * tk],
+                segments: RowSegments::new(query_segments, key_segments, bh / heads, &s),
                 out: &out[qs.clone()],
                 lse: &lse[bh * tq..(bh + 1) * tq],
                 d_out: &d_out[qs],
@@ -143,12 +180,11 @@ pub fn flash_backward(
 }
 
 /// One head's slices of the backward's inputs.
-#[derive(Clone, Copy)]
 struct HeadInputs<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    key_mask: &'a [f32],
+    segments: RowSegments<'a>,
     out: &'a [f32],
     lse: &'a [f32],
     d_out: &'a [f32],
@@ -158,7 +194,7 @@ struct HeadInputs<'a> {
 /// adds its share to dV, dK (this tile) and dQ (that query tile).
 #[inline(always)]
 fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-    let HeadInputs { q, k, v, key_mask, out, lse, d_out } = *inputs;
+    let HeadInputs { q, k, v, ref segments, out, lse, d_out } = *inputs;
     let FlashShape { tq, tk, dim, scale, .. } = s;
     // D_i = rowsum(dO ∘ O).
     let delta: Vec<f32> = (0..tq).map(|i| (0..dim).map(|c| d_out[i * dim + c] * out[i * dim + c]).sum()).collect();
@@ -171,16 +207,20 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
         // The first query that can see key c0.
         let first_query = if s.causal { (c0 + tq).saturating_sub(tk) } else { 0 };
         for r0 in (first_query / TILE * TILE..tq).step_by(TILE) {
+            if !segments.tiles_meet(r0, c0) {
+                continue; // P is zero on the whole tile
+            }
             let rows = TILE.min(tq - r0);
             let q_tile = &q[r0 * dim..(r0 + rows) * dim];
             let do_tile = &d_out[r0 * dim..(r0 + rows) * dim];
             matmul(&mut p, q_tile, k_tile, (rows, cols, dim), false, true, false, Parallelism::None);
-            let mask = &key_mask[c0..c0 + cols];
+            let key_segments = &segments.key[c0..c0 + cols];
             for r in 0..rows {
                 let l = lse[r0 + r];
                 let visible = if l == f32::NEG_INFINITY { 0 } else { s.visible_in_tile(r0 + r, c0, cols) };
+                let own = segments.query[r0 + r];
                 for (c, x) in p[r * cols..(r + 1) * cols].iter_mut().enumerate() {
-                    *x = if c >= visible || mask[c] != 0.0 { 0.0 } else { exp_nonpositive(*x * scale - l) };
+                    *x = if c >= visible || key_segments[c] != own { 0.0 } else { exp_nonpositive(*x * scale - l) };
                 }
             }
             // dV_tile += Pᵀ · dO
@@ -226,24 +266,26 @@ mod flex {
             q: FloatTensor<Self>,
             k: FloatTensor<Self>,
             v: FloatTensor<Self>,
-            key_mask: FloatTensor<Self>,
+            query_segments: FloatTensor<Self>,
+            key_segments: FloatTensor<Self>,
             causal: bool,
             scale: f32,
         ) -> FloatTensor<Self> {
-            Self::flash_attention_forward(q, k, v, key_mask, causal, scale).0
+            Self::flash_attention_forward(q, k, v, query_segments, key_segments, causal, scale).0
         }
 
         fn flash_attention_forward(
             q: FloatTensor<Self>,
             k: FloatTensor<Self>,
             v: FloatTensor<Self>,
-            key_mask: FloatTensor<Self>,
+            query_segments: FloatTensor<Self>,
+            key_segments: FloatTensor<Self>,
             causal: bool,
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
-            let [q, k, v, key_mask] = [&q, &k, &v, &key_mask].map(contiguous);
-            let (out, lse) = flash_forward(values(&q), values(&k), values(&v), values(&key_mask), s);
+            let [q, k, v, qs, ks] = [&q, &k, &v, &query_segments, &key_segments].map(contiguous);
+            let (out, lse) = flash_forward(values(&q), values(&k), values(&v), values(&qs), values(&ks), s);
             (tensor(out, vec![s.batch, s.heads, s.tq, s.dim]), tensor(lse, vec![s.batch, s.heads, s.tq]))
         }
 
@@ -251,7 +293,8 @@ mod flex {
             q: FloatTensor<Self>,
             k: FloatTensor<Self>,
             v: FloatTensor<Self>,
-            key_mask: FloatTensor<Self>,
+            query_segments: FloatTensor<Self>,
+            key_segments: FloatTensor<Self>,
             out: FloatTensor<Self>,
             lse: FloatTensor<Self>,
             d_out: FloatTensor<Self>,
@@ -259,12 +302,13 @@ mod flex {
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
-            let [q, k, v, key_mask, out, lse, d_out] = [&q, &k, &v, &key_mask, &out, &lse, &d_out].map(contiguous);
+            let [q, k, v, qs, ks, out, lse, d_out] = [&q, &k, &v, &query_segments, &key_segments, &out, &lse, &d_out].map(contiguous);
             let (dq, dk, dv) = flash_backward(
                 values(&q),
                 values(&k),
                 values(&v),
-                values(&key_mask),
+                values(&qs),
+                values(&ks),
                 values(&out),
                 values(&lse),
                 values(&d_out),

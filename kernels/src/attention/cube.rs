@@ -23,7 +23,7 @@ mod kernels {
     use burn_cubecl::cubecl::prelude::*;
 
     /// Number of keys `0..n` visible from query `i`: all of them, or (causal, bottom-right
-    /// aligned) those with `j + tq <= i + tk`; padded keys are skipped separately.
+    /// aligned) those with `j + tq <= i + tk`; keys of other segments are skipped separately.
     #[cube]
     fn visible_keys(i: usize, tq: usize, tk: usize, causal: u32) -> usize {
         let mut n = tk;
@@ -62,7 +62,8 @@ mod kernels {
         q: &Tensor<F>,
         k: &Tensor<F>,
         v: &Tensor<F>,
-        key_mask: &Tensor<F>,
+        query_segments: &Tensor<F>,
+        key_segments: &Tensor<F>,
         out: &mut Tensor<F>,
         lse: &mut Tensor<F>,
         heads: usize,
@@ -87,9 +88,10 @@ mod kernels {
         }
         let mut max = F::cast_from(no_keys);
         let mut sum = F::new(0.0);
+        let own = query_segments[b * tq + i];
         let n = visible_keys(i, tq, tk, causal);
         for j in 0..n {
-            if key_mask[b * tk + j] == F::new(0.0) {
+            if key_segments[b * tk + j] == own {
                 let key = bh * tk + j;
                 let score = dot::<F>(q, row, k, key, dim) * scale;
                 let new_max = if score > max { score } else { max };
@@ -120,7 +122,8 @@ mod kernels {
         q: &Tensor<F>,
         k: &Tensor<F>,
         v: &Tensor<F>,
-        key_mask: &Tensor<F>,
+        query_segments: &Tensor<F>,
+        key_segments: &Tensor<F>,
         out: &Tensor<F>,
         lse: &Tensor<F>,
         d_out: &Tensor<F>,
@@ -148,9 +151,10 @@ mod kernels {
         let row_delta = dot::<F>(d_out, row, out, row, dim);
         delta[row] = row_delta;
         let row_lse = lse[row];
+        let own = query_segments[b * tq + i];
         let n = visible_keys(i, tq, tk, causal);
         for j in 0..n {
-            if key_mask[b * tk + j] == F::new(0.0) {
+            if key_segments[b * tk + j] == own {
                 let key = bh * tk + j;
                 let p = F::exp(dot::<F>(q, row, k, key, dim) * scale - row_lse);
                 let ds = p * (dot::<F>(d_out, row, v, key, dim) - row_delta) * scale;
@@ -168,7 +172,8 @@ mod kernels {
         q: &Tensor<F>,
         k: &Tensor<F>,
         v: &Tensor<F>,
-        key_mask: &Tensor<F>,
+        query_segments: &Tensor<F>,
+        key_segments: &Tensor<F>,
         delta: &Tensor<F>,
         lse: &Tensor<F>,
         d_out: &Tensor<F>,
@@ -183,7 +188,7 @@ mod kernels {
         #[define(F)] _dtype: ElemType,
     ) {
         let key = ABSOLUTE_POS;
-        if key >= key_mask.len() * heads {
+        if key >= key_segments.len() * heads {
             terminate!();
         }
         let bh = key / tk;
@@ -194,8 +199,9 @@ mod kernels {
             dk[key * dim + c] = F::new(0.0);
             dv[key * dim + c] = F::new(0.0);
         }
-        if key_mask[b * tk + j] == F::new(0.0) {
-            for i in first_query(j, tq, tk, causal)..tq {
+        let own = key_segments[b * tk + j];
+        for i in first_query(j, tq, tk, causal)..tq {
+            if query_segments[b * tq + i] == own {
                 let row = bh * tq + i;
                 let p = F::exp(dot::<F>(q, row, k, key, dim) * scale - lse[row]);
                 let ds = p * (dot::<F>(d_out, row, v, key, dim) - delta[row]) * scale;
@@ -219,22 +225,24 @@ impl FlashAttentionBackend for CubeBackend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: FloatTensor<Self>,
+        query_segments: FloatTensor<Self>,
+        key_segments: FloatTensor<Self>,
         causal: bool,
         scale: f32,
     ) -> FloatTensor<Self> {
-        Self::flash_attention_forward(q, k, v, key_mask, causal, scale).0
+        Self::flash_attention_forward(q, k, v, query_segments, key_segments, causal, scale).0
     }
 
     fn flash_attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: FloatTensor<Self>,
+        query_segments: FloatTensor<Self>,
+        key_segments: FloatTensor<Self>,
         causal: bool,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (q, k, v, key_mask) = (contiguous(q), contiguous(k), contiguous(v), contiguous(key_mask));
+        let [q, k, v, query_segments, key_segments] = [q, k, v, query_segments, key_segments].map(contiguous);
         let (b, h, tq, tk, d) = shape_of(&q, &k);
         let out = poisoned(&q, [b, h, tq, d]);
         let lse = poisoned(&q, [b, h, tq]);
@@ -246,7 +254,8 @@ impl FlashAttentionBackend for CubeBackend {
                 q.clone().into_tensor_arg(),
                 k.into_tensor_arg(),
                 v.into_tensor_arg(),
-                key_mask.into_tensor_arg(),
+                query_segments.into_tensor_arg(),
+                key_segments.into_tensor_arg(),
                 out.clone().into_tensor_arg(),
                 lse.clone().into_tensor_arg(),
                 h,
@@ -266,14 +275,16 @@ impl FlashAttentionBackend for CubeBackend {
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
-        key_mask: FloatTensor<Self>,
+        query_segments: FloatTensor<Self>,
+        key_segments: FloatTensor<Self>,
         out: FloatTensor<Self>,
         lse: FloatTensor<Self>,
         d_out: FloatTensor<Self>,
         causal: bool,
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let [q, k, v, key_mask, out, lse, d_out] = [q, k, v, key_mask, out, lse, d_out].map(contiguous);
+        let [q, k, v, query_segments, key_segments, out, lse, d_out] =
+            [q, k, v, query_segments, key_segments, out, lse, d_out].map(contiguous);
         let (b, h, tq, tk, d) = shape_of(&q, &k);
         let dq = poisoned(&q, [b, h, tq, d]);
         let (dk, dv) = (poisoned(&q, [b, h, tk, d]), poisoned(&q, [b, h, tk, d]));
@@ -288,7 +299,8 @@ impl FlashAttentionBackend for CubeBackend {
                 arg(&q),
                 arg(&k),
                 arg(&v),
-                arg(&key_mask),
+                arg(&query_segments),
+                arg(&key_segments),
                 arg(&out),
                 arg(&lse),
                 arg(&d_out),
@@ -311,7 +323,8 @@ impl FlashAttentionBackend for CubeBackend {
                 arg(&q),
                 arg(&k),
                 arg(&v),
-                arg(&key_mask),
+                arg(&query_segments),
+                arg(&key_segments),
                 arg(&delta),
                 arg(&lse),
                 arg(&d_out),

@@ -4,8 +4,8 @@ use burn::tensor::{Bool, Tensor};
 use super::AttentionOptions;
 
 /// The definition: materialises the `[B, H, Tq, Tk]` score matrix. A query row that sees no
-/// key at all (causal with more queries than keys, or every key padded) outputs 0, and no
-/// gradient flows through it.
+/// key at all (causal with more queries than keys, or every key padded or of another
+/// document) outputs 0, and no gradient flows through it.
 pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: AttentionOptions) -> Tensor<4> {
     let [batch, heads, tq, head_dim] = q.dims();
     let tk = k.dims()[2];
@@ -24,6 +24,16 @@ pub fn attention_reference(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, options: At
         mask = Some(match mask {
             Some(m) => m.bool_or(padding),
             None => padding,
+        });
+    }
+    if let Some(documents) = options.documents {
+        assert!(tq <= tk, "attention with documents needs Tq <= Tk (the queries are the last Tq keys), got Tq {tq}, Tk {tk}");
+        let queries = documents.clone().narrow(1, tk - tq, tq).reshape([batch, 1, tq, 1]).expand([batch, heads, tq, tk]);
+        let keys = documents.reshape([batch, 1, 1, tk]).expand([batch, heads, tq, tk]);
+        let other_document = queries.not_equal(keys);
+        mask = Some(match mask {
+            Some(m) => m.bool_or(other_document),
+            None => other_document,
         });
     }
     if let Some(extra) = options.mask {
