@@ -322,6 +322,9 @@ pub struct DataConfig {
     /// to a Jinja template or a `tokenizer_config.json`. With a template the loss covers the
     /// assistant turns only.
     pub chat_template: String,
+    /// JSONL with the `sft` objective: pack several records into each context window, each
+    /// attending only to itself with positions from 0, instead of one padded record per row.
+    pub pack: bool,
 }
 
 impl Default for DataConfig {
@@ -334,6 +337,7 @@ impl Default for DataConfig {
             validation_fraction: 0.1,
             skip_bad_lines: false,
             chat_template: CHAT_TEMPLATE_AUTO.into(),
+            pack: false,
         }
     }
 }
@@ -691,6 +695,11 @@ impl Config {
             [CHAT_TEMPLATE_AUTO, CHAT_TEMPLATE_NONE].contains(&template) || std::path::Path::new(template).is_file(),
             "data.chat_template",
             &format!("must be `auto`, `none` or a path to a Jinja template or tokenizer_config.json (no file `{template}`)"),
+        );
+        check(
+            !self.data.pack || !self.objective.kind.samples(),
+            "data.pack",
+            "packs records for the sft objective; sampling objectives (polychromic_rl, polychromic_regularized, grpo) read one prompt at a time",
         );
         check(m.vocab_size != Some(0), "model.vocab_size", "must be > 0");
         check(m.d_model > 0, "model.d_model", "must be > 0");

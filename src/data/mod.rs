@@ -204,10 +204,15 @@ pub fn prepare(config: &Config, run_dir: &Path) -> Result<PreparedData> {
         tokenizer.save_folder(run_dir)?;
     }
     let context = config.model.context_length;
+    let (train_tokens, validation_tokens) = (train.token_count(), validation.token_count());
+    let mut train = SampleSource::new(train, context, config.run.seed, true).context("training split")?;
+    if d.pack {
+        train = train.with_packing()?;
+    }
     Ok(PreparedData {
-        train_tokens: train.token_count(),
-        validation_tokens: validation.token_count(),
-        train: SampleSource::new(train, context, config.run.seed, true).context("training split")?,
+        train_tokens,
+        validation_tokens,
+        train,
         validation: SampleSource::new(validation, context, config.run.seed, false).context("validation split")?,
         tokenizer,
         skipped_lines,

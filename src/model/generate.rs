@@ -194,7 +194,7 @@ impl Prefill {
             }
         }
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, len]), device);
-        let positions = Positions { ids: positions, rows: batch, len };
+        let positions = Positions::per_row(positions, batch, len);
         let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, len, len]), device);
         let mut cache = model.new_cache(batch, capacity, device);
         let logits = model.forward_cached(tokens, &positions, mask, &mut cache, context);
@@ -206,7 +206,7 @@ impl Prefill {
         let batch = tokens.len();
         let slot = self.cache.len();
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let positions = Positions { ids: self.pads.iter().map(|&p| slot - p).collect(), rows: batch, len: 1 };
+        let positions = Positions::per_row(self.pads.iter().map(|&p| slot - p).collect(), batch, 1);
         let hidden: Vec<bool> = self.pads.iter().flat_map(|&p| (0..=slot).map(move |j| j < p)).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, 1]), device);
         let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, 1, slot + 1]), device);

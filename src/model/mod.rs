@@ -8,7 +8,7 @@ pub mod lora;
 pub mod norm;
 pub mod transformer;
 
-pub use transformer::{ForwardContext, Gpt, GptConfig};
+pub use transformer::{ForwardContext, Gpt, GptConfig, Positions};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;

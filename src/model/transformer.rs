@@ -198,21 +198,56 @@ pub struct HeadShape {
     pub rope_theta: Option<f64>,
 }
 
-/// Absolute positions of the tokens of one forward call: one row shared by the whole batch
-/// (training: `0..T`), or one row per sequence (left-padded prompts and KV-cache decoding,
-/// where each sequence counts from its own first real token).
+/// Where the tokens of one forward call sit: their absolute positions, one row shared by the
+/// whole batch (training: `0..T`) or one row per sequence (left-padded prompts and KV-cache
+/// decoding, where each sequence counts from its own first real token), and for packed rows
+/// the document each token belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Positions {
     /// `rows × len` positions, row-major; `rows` is 1 or the batch size.
     pub ids: Vec<usize>,
     pub rows: usize,
     pub len: usize,
+    /// Packed rows (`data.pack`): each token's document, `rows × len`; attention stays inside
+    /// a document. `None`: one sequence per row.
+    pub documents: Option<Vec<u32>>,
 }
 
 impl Positions {
     /// `0..len` for every sequence.
     pub fn contiguous(len: usize) -> Self {
-        Self { ids: (0..len).collect(), rows: 1, len }
+        Self { ids: (0..len).collect(), rows: 1, len, documents: None }
+    }
+
+    /// Per-sequence positions (`rows × len`), one sequence per row.
+    pub fn per_row(ids: Vec<usize>, rows: usize, len: usize) -> Self {
+        Self { ids, rows, len, documents: None }
+    }
+
+    /// Rows of several documents one after another (`documents`: `rows × len` ids, equal for
+    /// the tokens of one document and contiguous): positions restart at 0 with each document.
+    pub fn packed(documents: Vec<u32>, rows: usize, len: usize) -> Self {
+        assert_eq!(documents.len(), rows * len, "one document id per token");
+        let ids = documents
+            .chunks(len.max(1))
+            .flat_map(|row| {
+                let mut start = 0;
+                (0..row.len()).map(move |t| {
+                    if t > 0 && row[t] != row[t - 1] {
+                        start = t;
+                    }
+                    t - start
+                })
+            })
+            .collect();
+        Self { ids, rows, len, documents: Some(documents) }
+    }
+
+    /// The document ids as a `[batch, len]` tensor for the attention masks.
+    fn documents_tensor(&self, batch: usize, device: &Device) -> Option<Tensor<2, Int>> {
+        let documents = self.documents.as_ref()?;
+        let ids: Vec<i64> = documents.iter().map(|&d| d as i64).collect();
+        Some(Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids, [self.rows, self.len]), device).expand([batch, self.len]))
     }
 
     fn tensor(&self, batch: usize, device: &Device) -> Tensor<2, Int> {
@@ -358,7 +393,8 @@ impl SelfAttention {
             k = repeat(k);
             v = repeat(v);
         }
-        let options = AttentionOptions { causal: mask.is_none(), key_padding: None, mask };
+        let documents = positions.documents_tensor(batch, &q.device());
+        let options = AttentionOptions { causal: mask.is_none(), key_padding: None, documents, mask };
         let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
         adapted(token_linear(&self.out, y.clone()), &self.lora_o, &y)
     }
@@ -551,7 +587,12 @@ impl Gpt {
     /// Token ids `[batch, seq]` → final (normed) hidden states `[batch, seq, d_model]`.
     pub fn hidden(&self, tokens: Tensor<2, Int>, context: &ForwardContext) -> Tensor<3> {
         let seq = tokens.dims()[1];
-        self.run_blocks(tokens, &Positions::contiguous(seq), None, context)
+        self.hidden_at(tokens, &Positions::contiguous(seq), context)
+    }
+
+    /// [`Gpt::hidden`] at the given positions (packed rows: with their documents).
+    pub fn hidden_at(&self, tokens: Tensor<2, Int>, positions: &Positions, context: &ForwardContext) -> Tensor<3> {
+        self.run_blocks(tokens, positions, None, context)
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens (at most the context length).
@@ -622,21 +663,19 @@ impl Gpt {
         self.dropout.forward(x)
     }
 
-    /// [`Gpt::hidden`] in pieces, for recomputing one block at a time in the backward
+    /// [`Gpt::hidden_at`] in pieces, for recomputing one block at a time in the backward
     /// (`training.gradient_checkpointing`): `final_norm(block(n − 1, … block(0, embed(t))))`.
-    pub fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        let seq = tokens.dims()[1];
-        self.embed_at(tokens, &Positions::contiguous(seq))
+    pub fn embed(&self, tokens: Tensor<2, Int>, positions: &Positions) -> Tensor<3> {
+        self.embed_at(tokens, positions)
     }
 
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
 
-    /// Block `i` over a whole sequence (no cache).
-    pub fn block(&self, i: usize, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {
-        let seq = x.dims()[1];
-        self.blocks[i].forward(x, &Positions::contiguous(seq), None, None, context)
+    /// Block `i` over whole sequences (no cache).
+    pub fn block(&self, i: usize, x: Tensor<3>, positions: &Positions, context: &ForwardContext) -> Tensor<3> {
+        self.blocks[i].forward(x, positions, None, None, context)
     }
 
     pub fn final_norm(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {

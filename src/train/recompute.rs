@@ -17,7 +17,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor};
 
 use super::optim::add_gradients;
-use crate::model::{ForwardContext, Gpt};
+use crate::model::{ForwardContext, Gpt, Positions};
 use crate::rng::mix64;
 
 /// The device RNG seed before block `i` (`i = n_blocks` for the embeddings).
@@ -31,6 +31,7 @@ fn block_seed(noise_seed: u64, i: usize) -> u64 {
 pub fn recomputed_gradients(
     model: &Gpt,
     tokens: Tensor<2, Int>,
+    positions: &Positions,
     context: &ForwardContext,
     noise_seed: u64,
     head: impl FnOnce(&Gpt, Tensor<3>) -> Tensor<1>,
@@ -41,10 +42,10 @@ pub fn recomputed_gradients(
     // nothing, but still run dropout (an inference copy would not).
     let untracked = model.clone().no_grad();
     device.seed(block_seed(noise_seed, n));
-    let mut inputs = vec![untracked.embed(tokens.clone())];
+    let mut inputs = vec![untracked.embed(tokens.clone(), positions)];
     for i in 0..n {
         device.seed(block_seed(noise_seed, i));
-        let x = untracked.block(i, inputs[i].clone(), context);
+        let x = untracked.block(i, inputs[i].clone(), positions, context);
         inputs.push(x);
     }
     drop(untracked);
@@ -60,13 +61,13 @@ pub fn recomputed_gradients(
     for i in (0..n).rev() {
         let leaf = inputs.pop().expect("one saved input per block").require_grad();
         device.seed(block_seed(noise_seed, i));
-        let out = model.block(i, leaf.clone(), context);
+        let out = model.block(i, leaf.clone(), positions, context);
         let grads = (out * Tensor::from_inner(upstream)).sum().backward();
         upstream = leaf.grad(&grads).expect("a block's output depends on its input");
         add_gradients(model, &mut total, GradientsParams::from_grads(grads, model));
     }
     device.seed(block_seed(noise_seed, n));
-    let grads = (model.embed(tokens) * Tensor::from_inner(upstream)).sum().backward();
+    let grads = (model.embed(tokens, positions) * Tensor::from_inner(upstream)).sum().backward();
     add_gradients(model, &mut total, GradientsParams::from_grads(grads, model));
     (value, total)
 }
@@ -78,13 +79,13 @@ mod tests {
 
     /// `hidden` with the same dropout seeding as the recomputation, in one graph: the plain
     /// backward of the same function.
-    fn seeded_hidden(model: &Gpt, tokens: Tensor<2, Int>, context: &ForwardContext, noise_seed: u64) -> Tensor<3> {
+    fn seeded_hidden(model: &Gpt, tokens: Tensor<2, Int>, positions: &Positions, context: &ForwardContext, noise_seed: u64) -> Tensor<3> {
         let device = tokens.device();
         device.seed(block_seed(noise_seed, model.num_blocks()));
-        let mut x = model.embed(tokens);
+        let mut x = model.embed(tokens, positions);
         for i in 0..model.num_blocks() {
             device.seed(block_seed(noise_seed, i));
-            x = model.block(i, x, context);
+            x = model.block(i, x, positions, context);
         }
         model.final_norm(x, context)
     }
@@ -120,7 +121,9 @@ mod tests {
     #[test]
     #[ignore = "run alone by recomputed_gradients_equal_the_stored_activation_gradients"]
     fn recomputed_gradients_alone() {
-        for (dropout, tied) in [(0.0, true), (0.2, false)] {
+        // The second case packs two documents per row (`data.pack`).
+        let packed = Positions::packed((0..27).map(|i| (i % 9 >= 4 + i / 9) as u32).collect(), 3, 9);
+        for (dropout, tied, positions) in [(0.0, true, Positions::contiguous(9)), (0.2, false, packed)] {
             let device = Device::flex().autodiff();
             device.seed(11);
             let mut gpt = crate::model::GptConfig::tiny_for_tests(13, tied);
@@ -132,9 +135,9 @@ mod tests {
             let probe = Tensor::<3>::random([3, 9, gpt.d_model], Distribution::Normal(0.0, 1.0), &device);
             let context = ForwardContext::default();
             let head = |m: &Gpt, h: Tensor<3>| (m.logits(h).tanh() * probe.clone().mean_dim(2)).sum();
-            let reference = head(&model, seeded_hidden(&model, tokens.clone(), &context, 5));
+            let reference = head(&model, seeded_hidden(&model, tokens.clone(), &positions, &context, 5));
             let want = GradientsParams::from_grads(reference.clone().backward(), &model);
-            let (value, got) = recomputed_gradients(&model, tokens.clone(), &context, 5, head);
+            let (value, got) = recomputed_gradients(&model, tokens.clone(), &positions, &context, 5, head);
             let (a, b) = (value.into_scalar::<f32>(), reference.into_scalar::<f32>());
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "dropout {dropout}: loss {a} vs {b}");
             for ((name, g), (_, w)) in flat(&got, &model).into_iter().zip(flat(&want, &model)) {

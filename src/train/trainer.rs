@@ -374,7 +374,7 @@ impl Loop {
     fn announce(&mut self, resumed_from: Option<u64>, gpt: &GptConfig) {
         let params: usize = self.learner.model.num_params();
         let text = format!(
-            "polyburn: {} | {} params ({} layers, d={}, heads={}, ctx={}, vocab={}) | train {} tokens, validation {} tokens{}{}",
+            "polyburn: {} | {} params ({} layers, d={}, heads={}, ctx={}, vocab={}) | train {} tokens, validation {} tokens{}{}{}",
             self.run_dir.display(),
             params,
             gpt.n_layers,
@@ -384,6 +384,14 @@ impl Loop {
             gpt.vocab_size,
             self.data.train_tokens,
             self.data.validation_tokens,
+            match self.learner.config.data.pack {
+                true => format!(
+                    " | packed into {} rows ({:.1}% filled)",
+                    self.data.train.samples_per_epoch(),
+                    100.0 * self.data.train.packing_fill()
+                ),
+                false => String::new(),
+            },
             match self.data.skipped_lines {
                 0 => String::new(),
                 n => format!(" | skipped {n} bad JSONL lines"),

@@ -8,7 +8,7 @@ use super::{Loss, Objective, StepInput};
 use crate::data::Batch;
 use crate::rng::{Stream, derive_seed};
 use crate::train::recompute::recomputed_gradients;
-use crate::model::{ForwardContext, Gpt};
+use crate::model::{ForwardContext, Gpt, Positions};
 
 /// Batch buffers as tensors on `device`.
 pub struct BatchTensors {
@@ -17,6 +17,8 @@ pub struct BatchTensors {
     pub loss_mask: Tensor<2>,
     /// Number of positions the loss averages over.
     pub loss_tokens: usize,
+    /// Token positions, and documents for packed rows.
+    pub positions: Positions,
 }
 
 impl BatchTensors {
@@ -27,6 +29,10 @@ impl BatchTensors {
             targets: Tensor::from_data(TensorData::new(batch.targets.clone(), shape), device),
             loss_mask: Tensor::from_data(TensorData::new(batch.loss_mask.clone(), shape), device),
             loss_tokens: batch.loss_tokens(),
+            positions: match &batch.documents {
+                Some(documents) => Positions::packed(documents.clone(), batch.batch_size, batch.seq_len),
+                None => Positions::contiguous(batch.seq_len),
+            },
         }
     }
 }
@@ -35,7 +41,7 @@ impl BatchTensors {
 /// head and the cross-entropy run as one op (`kernels.cross_entropy`): with `fused`, the
 /// `[B·T, V]` logits never exist.
 pub fn sft_loss(model: &Gpt, batch: &BatchTensors, context: &ForwardContext) -> Tensor<1> {
-    head_loss(model, model.hidden(batch.inputs.clone(), context), batch, context)
+    head_loss(model, model.hidden_at(batch.inputs.clone(), &batch.positions, context), batch, context)
 }
 
 /// The LM head and cross-entropy on the final hidden states.
@@ -51,12 +57,13 @@ pub struct Sft;
 impl Objective for Sft {
     fn loss(&self, input: StepInput) -> anyhow::Result<Loss> {
         let batch = input.source.batch(input.first, input.config.training.batch_size);
-        let tokens = batch.batch_size * batch.seq_len;
+        // Throughput counts tokens, not the padding after them.
+        let tokens = batch.filled;
         let context = ForwardContext::for_run(input.config, input.step);
         let batch = BatchTensors::new(&batch, input.device);
         if input.config.training.gradient_checkpointing {
             let noise_seed = derive_seed(input.config.run.seed, Stream::StepNoise, input.step) ^ input.first;
-            let (loss, grads) = recomputed_gradients(input.model, batch.inputs.clone(), &context, noise_seed, |model, hidden| {
+            let (loss, grads) = recomputed_gradients(input.model, batch.inputs.clone(), &batch.positions, &context, noise_seed, |model, hidden| {
                 head_loss(model, hidden, &batch, &context)
             });
             return Ok(Loss { loss, tokens, metrics: Vec::new(), samples: Vec::new(), grads: Some(grads) });
@@ -114,6 +121,39 @@ mod tests {
             assert_eq!(before, loss(&values), "{implementation:?}");
             values[0] += 1.0; // row 0 counts
             assert_ne!(before, loss(&values), "{implementation:?}");
+        }
+    }
+
+    /// A packed row of three documents has the loss of the same documents one per row: each
+    /// attends only to itself and its positions restart at 0 (learned positions and RoPE,
+    /// both attention implementations). Without the document ids it would not.
+    #[test]
+    fn packed_documents_give_the_loss_of_separate_rows() {
+        use crate::data::{Batch, LossSequence};
+        use polyburn_kernels::attention::AttentionImpl;
+        let device = Device::flex();
+        let seq = |start: u32, len: u32, loss_from: usize| LossSequence {
+            tokens: (start..start + len).map(|t| t % 11).collect(),
+            loss_spans: vec![loss_from..len as usize],
+        };
+        let docs = vec![seq(1, 7, 2), seq(4, 5, 1), seq(2, 9, 4)];
+        let separate = Batch::pack(&docs);
+        let packed = Batch::pack_documents(std::slice::from_ref(&docs));
+        assert_eq!((packed.batch_size, packed.seq_len, packed.filled), (1, 18, 18));
+        assert_eq!(packed.loss_tokens(), separate.loss_tokens());
+        for llama in [false, true] {
+            let mut gpt = crate::model::GptConfig::tiny_for_tests(11, llama);
+            gpt.dropout = 0.0;
+            device.seed(3);
+            let model = gpt.init(&device);
+            for attention in [AttentionImpl::Fused, AttentionImpl::Reference] {
+                let context = ForwardContext { attention, ..ForwardContext::default() };
+                let loss = |b: &Batch| sft_loss(&model, &BatchTensors::new(b, &device), &context).into_scalar::<f32>();
+                let (want, got) = (loss(&separate), loss(&packed));
+                assert!((want - got).abs() <= 1e-5 * want.abs(), "llama {llama}, {attention:?}: packed {got} vs separate {want}");
+                let unmasked = loss(&Batch { documents: None, ..packed.clone() });
+                assert!((want - unmasked).abs() > 1e-3, "llama {llama}, {attention:?}: documents made no difference ({unmasked})");
+            }
         }
     }
 }
