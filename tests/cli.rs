@@ -62,6 +62,25 @@ fn bad_jsonl_line_is_an_error_unless_skipped() {
 }
 
 #[test]
+fn packing_fills_rows_and_refuses_what_it_cannot_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = jsonl_config(tmp.path(), &repo_root().join("data/arithmetic.jsonl"));
+    let cfg = cfg.to_str().unwrap();
+    let r = run(&["train", "--config", cfg, "--set", "training.max_steps=2", "--set", "model.context_length=64", "--set", "data.pack=true"]).ok();
+    let output = r.stdout() + &r.stderr();
+    let line = output.lines().find(|l| l.contains("packed into")).map(str::to_string);
+    let line = line.unwrap_or_else(|| panic!("no packing summary in:\n{output}"));
+    let fill: f64 = line.split("rows (").nth(1).and_then(|s| s.split('%').next()).and_then(|s| s.parse().ok()).expect(&line);
+    assert!(fill > 90.0, "{line}");
+    // Plain text has nothing to pack; sampling objectives read one prompt at a time.
+    let text = write_config(tmp.path(), "t.yaml", &tiny_text_config(&tmp.path().join("text")));
+    let r = run(&["train", "--config", text.to_str().unwrap(), "--set", "data.pack=true"]).fails();
+    assert!(r.stderr().contains("data.pack"), "{}", r.stderr());
+    let r = run(&["train", "--config", cfg, "--set", "data.pack=true", "--set", "objective.type=grpo"]).fails();
+    assert!(r.stderr().contains("data.pack: packs records for the sft objective"), "{}", r.stderr());
+}
+
+#[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");

@@ -94,6 +94,26 @@ fn chat_template_fine_tuning_resumes_exactly() {
 }
 
 #[test]
+fn packed_fine_tuning_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = write_chat_corpus(tmp.path());
+    assert_resume_is_exact(&[
+        &format!("data.train={}", corpus.display()),
+        &format!("data.chat_template={}", qwen2_template().display()),
+        "data.pack=true",
+        "model.context_length=96",
+    ]);
+    // Prompt/reply records, with the backward recomputing each block over packed rows.
+    let arithmetic = repo_root().join("data/arithmetic.jsonl");
+    assert_resume_is_exact(&[
+        &format!("data.train={}", arithmetic.display()),
+        "data.pack=true",
+        "training.gradient_checkpointing=true",
+        "model.context_length=48",
+    ]);
+}
+
+#[test]
 fn lora_fine_tuning_resumes_exactly() {
     let llama = repo_root().join("tests/fixtures/tiny-llama");
     assert_resume_is_exact(&[
