@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::tensor::{Device, Distribution, Tensor};
 use serde::Serialize;
 
@@ -17,6 +17,26 @@ pub struct TrainBenchOptions {
     pub timed_steps: usize,
     /// Also time the same steps with `training.gradient_checkpointing` on (the other side off).
     pub compare_gradient_checkpointing: bool,
+    /// Also time steps on the config's JSONL `data.train`, one record per row and packed
+    /// (`data.pack`).
+    pub compare_packing: bool,
+}
+
+/// `bench train --pack`: the same model trained on the config's JSONL corpus, one record per
+/// row (padded to the batch's longest) and packed. Tokens count real tokens, not padding.
+#[derive(Debug, Clone, Serialize)]
+pub struct PackingComparison {
+    pub corpus: String,
+    pub records: usize,
+    pub unpacked_tokens_per_sec: f64,
+    pub unpacked_step_ms: f64,
+    /// Share of the batch positions that hold a token, over the timed steps.
+    pub unpacked_fill: f64,
+    pub packed_tokens_per_sec: f64,
+    pub packed_step_ms: f64,
+    pub packed_fill: f64,
+    /// Packed tokens/s ÷ unpacked tokens/s.
+    pub speedup: f64,
 }
 
 /// The same benchmark steps with per-block recomputation (`bench train --gradient-checkpointing`).
@@ -57,6 +77,7 @@ pub struct TrainBenchReport {
     /// `training.gradient_checkpointing` of the steps above.
     pub gradient_checkpointing: bool,
     pub with_gradient_checkpointing: Option<CheckpointingComparison>,
+    pub packing: Option<PackingComparison>,
 }
 
 impl fmt::Display for TrainBenchReport {
@@ -86,6 +107,23 @@ impl fmt::Display for TrainBenchReport {
                 c.time_ratio,
                 mib(c.peak_bytes),
                 mib(self.peak_bytes)
+            )?;
+        }
+        if let Some(p) = &self.packing {
+            write!(
+                f,
+                "\n  on {} ({} records), tokens excluding padding:\
+                 \n    one record per row {:>10.1} tokens/s, {:.1} ms/step, {:.1}% of positions filled\
+                 \n    packed (data.pack) {:>10.1} tokens/s, {:.1} ms/step, {:.1}% of positions filled ({:.2}x)",
+                p.corpus,
+                p.records,
+                p.unpacked_tokens_per_sec,
+                p.unpacked_step_ms,
+                100.0 * p.unpacked_fill,
+                p.packed_tokens_per_sec,
+                p.packed_step_ms,
+                100.0 * p.packed_fill,
+                p.speedup
             )?;
         }
         Ok(())
@@ -132,27 +170,85 @@ struct TimedSteps {
     peak_bytes: Option<usize>,
 }
 
-/// Times `timed_steps` optimizer steps (after warm-up) of a fresh model of `config` on random
-/// tokens.
-fn time_train_steps(config: &Config, gpt: &crate::model::GptConfig, timed_steps: usize) -> Result<TimedSteps> {
-    const WARMUP_STEPS: usize = 2;
+const WARMUP_STEPS: usize = 2;
+
+/// Times `timed_steps` optimizer steps (after warm-up) of a fresh model of `config` on
+/// `source` (`None`: random tokens).
+fn time_train_steps(config: &Config, gpt: &crate::model::GptConfig, timed_steps: usize, source: Option<&mut SampleSource>) -> Result<TimedSteps> {
     let vocab = gpt.vocab_size;
     let train_device = device_from_name(&config.run.device)?.autodiff();
     let model = init_model(gpt, config.run.seed, &train_device);
     let mut learner = Learner::new(config.clone(), train_device, model, None)?;
     let steps = WARMUP_STEPS + timed_steps;
-    let n_tokens = steps * learner.samples_per_step() as usize * (gpt.context_length + 1) + gpt.context_length + 1;
-    let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::Shuffle, u64::MAX));
-    let tokens: Vec<u32> = (0..n_tokens).map(|_| rng.below(vocab as u64) as u32).collect();
-    let mut source = SampleSource::new(TokenCorpus::Stream(tokens), gpt.context_length, config.run.seed, false)?;
+    let mut random;
+    let source = match source {
+        Some(source) => source,
+        None => {
+            let n_tokens = steps * learner.samples_per_step() as usize * (gpt.context_length + 1) + gpt.context_length + 1;
+            let mut rng = SplitMix64::new(derive_seed(config.run.seed, Stream::Shuffle, u64::MAX));
+            let tokens: Vec<u32> = (0..n_tokens).map(|_| rng.below(vocab as u64) as u32).collect();
+            random = SampleSource::new(TokenCorpus::Stream(tokens), gpt.context_length, config.run.seed, false)?;
+            &mut random
+        }
+    };
     let timed = time_runs(WARMUP_STEPS, timed_steps, |step| {
-        let (stats, peak) = crate::memory::measure_peak(|| learner.step(&mut source, step as u64));
+        let (stats, peak) = crate::memory::measure_peak(|| learner.step(source, step as u64));
         stats.map(|s| (s.tokens, peak))
     })?;
     Ok(TimedSteps {
-        tokens_per_step: timed.results.last().map_or(0, |r| r.0),
+        // The mean over the timed steps: with real data each step holds other records.
+        tokens_per_step: timed.results.iter().map(|r| r.0).sum::<usize>() / timed.results.len().max(1),
         peak_bytes: timed.results.iter().map(|r| r.1).max().flatten(),
         step_secs: timed.median_ms() / 1e3,
+    })
+}
+
+/// Share of the batch positions holding a token over the timed steps' batches of `source`.
+fn fill(source: &mut SampleSource, config: &Config, timed_steps: usize) -> f64 {
+    let t = &config.training;
+    let per_step = (t.batch_size * t.grad_accum_steps) as u64;
+    let (mut filled, mut positions) = (0, 0);
+    for step in WARMUP_STEPS..WARMUP_STEPS + timed_steps {
+        for micro in 0..t.grad_accum_steps {
+            let batch = source.batch(step as u64 * per_step + (micro * t.batch_size) as u64, t.batch_size);
+            filled += batch.filled;
+            positions += batch.batch_size * batch.seq_len;
+        }
+    }
+    filled as f64 / positions.max(1) as f64
+}
+
+/// `bench train --pack`: the config's JSONL corpus, one record per row and packed.
+fn compare_packing(config: &Config, gpt: &crate::model::GptConfig, timed_steps: usize) -> Result<PackingComparison> {
+    let corpus = config.data.train.clone().context("data.train: `bench train --pack` trains on a JSONL corpus")?;
+    let scratch = std::env::temp_dir().join(format!("polyburn-bench-pack-{}", std::process::id()));
+    let mut one_per_row = config.clone();
+    one_per_row.data.pack = false;
+    let prepared = crate::data::prepare(&one_per_row, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let prepared = prepared?;
+    if prepared.tokenizer.vocab_size() > gpt.vocab_size {
+        anyhow::bail!("model.vocab_size: {} is smaller than the tokenizer's {}", gpt.vocab_size, prepared.tokenizer.vocab_size());
+    }
+    let mut unpacked = prepared.train;
+    let records = unpacked.examples().len();
+    if records == 0 {
+        anyhow::bail!("data.train: `bench train --pack` needs a JSONL corpus, {} is plain text", corpus.display());
+    }
+    let mut packed = unpacked.clone().with_packing()?;
+    let a = time_train_steps(config, gpt, timed_steps, Some(&mut unpacked))?;
+    let b = time_train_steps(config, gpt, timed_steps, Some(&mut packed))?;
+    let (unpacked_tokens_per_sec, packed_tokens_per_sec) = (a.tokens_per_step as f64 / a.step_secs, b.tokens_per_step as f64 / b.step_secs);
+    Ok(PackingComparison {
+        corpus: corpus.display().to_string(),
+        records,
+        unpacked_tokens_per_sec,
+        unpacked_step_ms: a.step_secs * 1e3,
+        unpacked_fill: fill(&mut unpacked, config, timed_steps),
+        packed_tokens_per_sec,
+        packed_step_ms: b.step_secs * 1e3,
+        packed_fill: fill(&mut packed, config, timed_steps),
+        speedup: packed_tokens_per_sec / unpacked_tokens_per_sec,
     })
 }
 
@@ -168,13 +264,13 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
     if options.compare_gradient_checkpointing {
         plain.training.gradient_checkpointing = false;
     }
-    let main = time_train_steps(&plain, &gpt, timed_steps)?;
+    let main = time_train_steps(&plain, &gpt, timed_steps, None)?;
     let with_gradient_checkpointing = match options.compare_gradient_checkpointing {
         false => None,
         true => {
             let mut recomputing = config.clone();
             recomputing.training.gradient_checkpointing = true;
-            let c = time_train_steps(&recomputing, &gpt, timed_steps)?;
+            let c = time_train_steps(&recomputing, &gpt, timed_steps, None)?;
             Some(CheckpointingComparison {
                 tokens_per_sec: c.tokens_per_step as f64 / c.step_secs,
                 step_ms: c.step_secs * 1e3,
@@ -182,6 +278,10 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
                 time_ratio: c.step_secs / main.step_secs,
             })
         }
+    };
+    let packing = match options.compare_packing {
+        true => Some(compare_packing(&plain, &gpt, timed_steps)?),
+        false => None,
     };
     let TimedSteps { tokens_per_step, step_secs, peak_bytes } = main;
     let tokens_per_sec = tokens_per_step as f64 / step_secs;
@@ -206,6 +306,7 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
         peak_bytes,
         gradient_checkpointing: plain.training.gradient_checkpointing,
         with_gradient_checkpointing,
+        packing,
     })
 }
 

@@ -242,6 +242,10 @@ enum BenchCommand {
         /// and report its peak memory and time against the plain steps.
         #[arg(long)]
         gradient_checkpointing: bool,
+        /// Also train on the config's JSONL data.train one record per row and packed
+        /// (data.pack), and report tokens/s (padding excluded) of both.
+        #[arg(long)]
+        pack: bool,
     },
     /// Every fused op against its reference over a size sweep: median time and peak memory.
     Kernels {
@@ -446,12 +450,12 @@ fn tokenizer_command(inputs: &[PathBuf], kind: TokenizerKind, vocab_size: usize,
 
 fn bench_command(command: BenchCommand) -> Result<ExitCode> {
     match command {
-        BenchCommand::Train { config, mut overrides, steps, json, attention, gradient_checkpointing } => {
+        BenchCommand::Train { config, mut overrides, steps, json, attention, gradient_checkpointing, pack } => {
             if let Some(a) = attention {
                 overrides.push(format!("kernels.attention={a}"));
             }
             let config = Config::load(&config, &overrides)?;
-            let options = TrainBenchOptions { timed_steps: steps, compare_gradient_checkpointing: gradient_checkpointing };
+            let options = TrainBenchOptions { timed_steps: steps, compare_gradient_checkpointing: gradient_checkpointing, compare_packing: pack };
             print_report(&bench::bench_train(&config, &options)?, json)
         }
         BenchCommand::Kernels { json, attention_t, diversity_g, lcs_l, cross_entropy_n, repeats } => {

@@ -119,6 +119,7 @@ pub struct DataCursor {
     pub position: u64,
 }
 
+#[derive(Clone)]
 pub struct SampleSource {
     corpus: TokenCorpus,
     context: usize,
