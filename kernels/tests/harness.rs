@@ -177,6 +177,26 @@ fn flash_attention_reads_strided_views() {
         for (name, (f, r)) in ["dq", "dk", "dv"].iter().zip(fused_grads.iter().zip(&reference_grads)) {
             assert_close(&format!("{device:?} strided: {name}"), f, r, tol);
         }
+
+        // Keys and values as the KV cache's prefix: the first `t` of `capacity` rows per head
+        // (read in place on the CPU), with left padding hidden and queries the last 3 tokens.
+        let (capacity, tq) = (50, 3);
+        let cache: Vec<Tensor<4>> = (0..2).map(|_| Tensor::<4>::random([b, h, capacity, d], normal, &ad)).collect();
+        let q = vec![Tensor::<4>::random([b, h, tq, d], normal, &ad)];
+        let q_weights = Tensor::<4>::random([b, h, tq, d], normal, &ad);
+        let padding: Vec<bool> = (0..b * t).map(|i| i % t < 2 * (i / t)).collect();
+        let padding = Tensor::<2, Bool>::from_data(TensorData::new(padding, [b, t]), &ad);
+        let run = |implementation| {
+            forward_and_grads(&q, &q_weights, |x| {
+                let [q]: [Tensor<4>; 1] = x.try_into().unwrap();
+                let options = AttentionOptions { causal: true, key_padding: Some(padding.clone()), ..Default::default() };
+                attention(q, cache[0].clone().narrow(2, 0, t), cache[1].clone().narrow(2, 0, t), options, implementation)
+            })
+        };
+        let (fused, fused_grads) = run(AttentionImpl::Fused);
+        let (reference, reference_grads) = run(AttentionImpl::Reference);
+        assert_close(&format!("{device:?} cache prefix: output"), &fused, &reference, tol);
+        assert_close(&format!("{device:?} cache prefix: dq"), &fused_grads[0], &reference_grads[0], tol);
     }
 }
 

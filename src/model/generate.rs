@@ -200,22 +200,16 @@ impl Prefill {
         let pads: Vec<usize> = rows.iter().map(|r| len - r.len()).collect();
         let mut ids = Vec::with_capacity(batch * len);
         let mut positions = Vec::with_capacity(batch * len);
-        let mut hidden = Vec::with_capacity(batch * len * len);
         for (r, row) in rows.iter().enumerate() {
             let pad = pads[r];
             ids.extend(std::iter::repeat_n(0i64, pad).chain(row.iter().map(|&t| t as i64)));
             positions.extend((0..len).map(|j| j.saturating_sub(pad)));
-            // Causal, and padding keys are invisible; a padding query sees only itself so its
-            // softmax row stays finite (its output is never used).
-            for i in 0..len {
-                hidden.extend((0..len).map(|j| j > i || (j < pad && j != i)));
-            }
         }
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, len]), device);
         let positions = Positions::per_row(positions, batch, len);
-        let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, len, len]), device);
         let mut cache = model.new_cache(batch, capacity, device);
-        let logits = model.forward_cached(tokens, &positions, mask, &mut cache, context);
+        // Padding queries see no key and output 0; nothing reads them.
+        let logits = model.forward_cached(tokens, &positions, padding_mask(&pads, len, device), &mut cache, context);
         (Self { cache, pads }, last_logits(logits))
     }
 
@@ -225,11 +219,16 @@ impl Prefill {
         let slot = self.cache.len();
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let positions = Positions::per_row(self.pads.iter().map(|&p| slot - p).collect(), batch, 1);
-        let hidden: Vec<bool> = self.pads.iter().flat_map(|&p| (0..=slot).map(move |j| j < p)).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, 1]), device);
-        let mask = Tensor::<4, Bool>::from_data(TensorData::new(hidden, [batch, 1, 1, slot + 1]), device);
-        last_logits(model.forward_cached(tokens, &positions, mask, &mut self.cache, context))
+        let padding = padding_mask(&self.pads, slot + 1, device);
+        last_logits(model.forward_cached(tokens, &positions, padding, &mut self.cache, context))
     }
+}
+
+/// `[rows, keys]`, `true` on each row's `pads[r]` leading padding slots.
+fn padding_mask(pads: &[usize], keys: usize, device: &Device) -> Tensor<2, Bool> {
+    let hidden: Vec<bool> = pads.iter().flat_map(|&p| (0..keys).map(move |j| j < p)).collect();
+    Tensor::<2, Bool>::from_data(TensorData::new(hidden, [pads.len(), keys]), device)
 }
 
 /// The last position's logits of each row of `[batch, seq, vocab]`, on the host.
@@ -272,9 +271,8 @@ mod tests {
 
     #[test]
     fn cached_prefill_logits_match_the_full_forward_pass() {
-        for llama in [false, true] {
+        for (llama, ctx) in [false, true].into_iter().flat_map(|l| contexts().map(|c| (l, c))) {
             let (model, device) = model(llama);
-            let ctx = ForwardContext::default();
             let prompts: Vec<&[u32]> = vec![&[3, 1, 4, 1, 5], &[9, 2]];
             let (_, cached) = Prefill::run(&model, &prompts, 24, &ctx, &device);
             for (prompt, cached) in prompts.iter().zip(cached) {
@@ -282,21 +280,27 @@ mod tests {
                 let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), &device);
                 let full = last_logits(model.forward(input, &ctx)).remove(0);
                 for (a, b) in full.iter().zip(&cached) {
-                    assert!((a - b).abs() < 1e-4, "llama={llama}: {a} vs {b}");
+                    assert!((a - b).abs() < 1e-4, "llama={llama} {:?}: {a} vs {b}", ctx.attention);
                 }
             }
         }
     }
 
+    /// Both attention implementations: the fused kernel (inference's default) hides the left
+    /// padding by key masks, as the reference does.
+    fn contexts() -> [ForwardContext; 2] {
+        use polyburn_kernels::attention::AttentionImpl;
+        [AttentionImpl::Fused, AttentionImpl::Reference].map(|attention| ForwardContext { attention, ..ForwardContext::default() })
+    }
+
     #[test]
     fn kv_cache_decoding_equals_recomputation_for_mixed_length_prompts() {
-        for llama in [false, true] {
+        for (llama, ctx) in [false, true].into_iter().flat_map(|l| contexts().map(|c| (l, c))) {
             let (model, device) = model(llama);
-            let ctx = ForwardContext::default();
             let prompts = vec![vec![3, 1, 4, 1, 5, 9, 2], vec![6], vec![5, 3, 5]];
             let run = |d| generate_batch(&model, &prompts, 2, &greedy(12), &ctx, d, &device).unwrap();
             let cached = run(Decoding::KvCache);
-            assert_eq!(cached, run(Decoding::Recompute), "llama={llama}");
+            assert_eq!(cached, run(Decoding::Recompute), "llama={llama} {:?}", ctx.attention);
             assert!(cached.iter().all(|g| g.len() == 2 && g[0].len() == 12 && g[0] == g[1]));
             // Padding and batch-mates change nothing: each prompt alone gives the same reply.
             for (prompt, replies) in prompts.iter().zip(&cached) {

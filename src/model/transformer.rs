@@ -346,14 +346,15 @@ pub struct SelfAttention {
 
 impl SelfAttention {
     /// Attention over `x` and, with a cache, over the cached prefix too: the new keys and
-    /// values are written into `cache` at its current length. `mask` (`true` = hidden) is
-    /// given with a cache; without one the attention is plain causal.
+    /// values are written into `cache` at its current length. Attention is causal (bottom-right
+    /// aligned, so new tokens see the whole prefix); `key_padding` (`[batch, keys]`, `true` =
+    /// hidden) hides the left padding of cached sequences.
     fn forward(
         &self,
         x: Tensor<3>,
         positions: &Positions,
         cache: Option<(&mut LayerCache, usize)>,
-        mask: Option<Tensor<4, Bool>>,
+        key_padding: Option<Tensor<2, Bool>>,
         attention_impl: AttentionImpl,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
@@ -394,7 +395,7 @@ impl SelfAttention {
             v = repeat(v);
         }
         let documents = positions.documents_tensor(batch, &q.device());
-        let options = AttentionOptions { causal: mask.is_none(), key_padding: None, documents, mask };
+        let options = AttentionOptions { causal: true, key_padding, documents, mask: None };
         let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
         adapted(token_linear(&self.out, y.clone()), &self.lora_o, &y)
     }
@@ -509,10 +510,10 @@ impl Block {
         x: Tensor<3>,
         positions: &Positions,
         cache: Option<(&mut LayerCache, usize)>,
-        mask: Option<Tensor<4, Bool>>,
+        key_padding: Option<Tensor<2, Bool>>,
         context: &ForwardContext,
     ) -> Tensor<3> {
-        let attn = self.attn.forward(self.ln_attn.forward(x.clone(), context.norm), positions, cache, mask, context.attention);
+        let attn = self.attn.forward(self.ln_attn.forward(x.clone(), context.norm), positions, cache, key_padding, context.attention);
         let x = x + self.dropout.forward(attn);
         let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone(), context.norm), context);
         x + self.dropout.forward(ffn)
@@ -541,13 +542,11 @@ impl Default for ForwardContext {
 }
 
 impl ForwardContext {
-    /// Inference at `global_step`: the reference attention (generation's padding and cache
-    /// masks need it, and recomputed decoding must match cached decoding token for token) and
-    /// the fused cross-entropy.
+    /// Inference at `global_step` with the fused kernels.
     pub fn at_step(global_step: u64) -> Self {
         Self {
             global_step,
-            attention: AttentionImpl::Reference,
+            attention: AttentionImpl::Fused,
             cross_entropy: CrossEntropyImpl::Fused,
             activation: ActivationImpl::Fused,
             norm: NormImpl::Fused,
@@ -611,19 +610,19 @@ impl Gpt {
     }
 
     /// Runs `tokens [batch, seq]` after the `cache.len()` cached slots and appends them to the
-    /// cache. `positions` are each token's position in its own sequence; `mask
-    /// [batch, 1, seq, len + seq]` hides keys (padding, the future). Returns logits.
+    /// cache. `positions` are each token's position in its own sequence; `key_padding
+    /// [batch, len + seq]` (`true` = hidden) hides the padding keys. Returns logits.
     pub fn forward_cached(
         &self,
         tokens: Tensor<2, Int>,
         positions: &Positions,
-        mask: Tensor<4, Bool>,
+        key_padding: Tensor<2, Bool>,
         cache: &mut KvCache,
         context: &ForwardContext,
     ) -> Tensor<3> {
         let seq = tokens.dims()[1];
         assert!(cache.len + seq <= cache.capacity, "KV cache of {} slots overflows", cache.capacity);
-        let hidden = self.run_blocks(tokens, positions, Some((cache, mask)), context);
+        let hidden = self.run_blocks(tokens, positions, Some((cache, key_padding)), context);
         cache.len += seq;
         self.logits(hidden)
     }
@@ -632,7 +631,7 @@ impl Gpt {
         &self,
         tokens: Tensor<2, Int>,
         positions: &Positions,
-        mut cache: Option<(&mut KvCache, Tensor<4, Bool>)>,
+        mut cache: Option<(&mut KvCache, Tensor<2, Bool>)>,
         context: &ForwardContext,
     ) -> Tensor<3> {
         let seq = tokens.dims()[1];
@@ -644,11 +643,11 @@ impl Gpt {
         );
         let mut x = self.embed_at(tokens, positions);
         for (i, block) in self.blocks.iter().enumerate() {
-            let (layer, mask) = match cache.as_mut() {
-                Some((c, mask)) => (Some((&mut c.layers[i], c.len)), Some(mask.clone())),
+            let (layer, key_padding) = match cache.as_mut() {
+                Some((c, padding)) => (Some((&mut c.layers[i], c.len)), Some(padding.clone())),
                 None => (None, None),
             };
-            x = block.forward(x, positions, layer, mask, context);
+            x = block.forward(x, positions, layer, key_padding, context);
         }
         self.ln_final.forward(x, context.norm)
     }

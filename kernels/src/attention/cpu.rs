@@ -38,6 +38,33 @@ impl FlashShape {
     }
 }
 
+/// `[B, H, T, D]` values read one `(batch, head)` slab at a time: each slab's `T` rows of `D`
+/// are contiguous, the slabs anywhere in `data` (the KV cache's prefix is a view of a longer
+/// buffer: reading it in place saves copying every cached key and value at every token).
+#[derive(Debug, Clone, Copy)]
+pub struct Heads<'a> {
+    pub data: &'a [f32],
+    pub offset: usize,
+    pub batch_stride: usize,
+    pub head_stride: usize,
+    pub heads: usize,
+    /// Rows × head dim of one slab.
+    pub slab_len: usize,
+}
+
+impl<'a> Heads<'a> {
+    /// A row-major `[B, H, T, D]` buffer.
+    pub fn contiguous(data: &'a [f32], heads: usize, rows: usize, dim: usize) -> Self {
+        Self { data, offset: 0, batch_stride: heads * rows * dim, head_stride: rows * dim, heads, slab_len: rows * dim }
+    }
+
+    /// The rows of `(batch, head)` number `bh = batch · heads + head`.
+    fn slab(&self, bh: usize) -> &'a [f32] {
+        let start = self.offset + (bh / self.heads) * self.batch_stride + (bh % self.heads) * self.head_stride;
+        &self.data[start..start + self.slab_len]
+    }
+}
+
 /// The smallest and largest segment id of each `TILE` of a row of segment ids.
 fn tile_ranges(segments: &[f32]) -> Vec<(f32, f32)> {
     segments.chunks(TILE).map(|c| c.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))).collect()
@@ -72,16 +99,15 @@ impl<'a> RowSegments<'a> {
 /// Forward: returns `(output [B,H,Tq,D], lse [B,H,Tq])`. Query `i` sees key `j` only where
 /// `query_segments [B, Tq]` and `key_segments [B, Tk]` agree. A query row that sees no key
 /// gets output 0 and log-sum-exp −∞.
-pub fn flash_forward(q: &[f32], k: &[f32], v: &[f32], query_segments: &[f32], key_segments: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
-    let FlashShape { batch, heads, tq, tk, dim, .. } = s;
+pub fn flash_forward(q: Heads, k: Heads, v: Heads, query_segments: &[f32], key_segments: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
+    let FlashShape { batch, heads, tq, dim, .. } = s;
     // Poisoned: every tile must write its rows.
     let mut out = vec![f32::NAN; batch * heads * tq * dim];
     let mut lse = vec![f32::NAN; batch * heads * tq];
     // Per (batch, head), then per query tile: each task writes its own disjoint rows.
     out.par_chunks_mut(tq * dim).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out_head, lse_head))| {
         let segments = RowSegments::new(query_segments, key_segments, bh / heads, &s);
-        let (k, v) = (&k[bh * tk * dim..(bh + 1) * tk * dim], &v[bh * tk * dim..(bh + 1) * tk * dim]);
-        let q = &q[bh * tq * dim..(bh + 1) * tq * dim];
+        let (q, k, v) = (q.slab(bh), k.slab(bh), v.slab(bh));
         out_head.par_chunks_mut(TILE * dim).zip(lse_head.par_chunks_mut(TILE)).enumerate().for_each(|(t, (out_tile, lse_tile))| {
             let r0 = t * TILE;
             let rows = lse_tile.len();
@@ -145,9 +171,9 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], segments: &RowSegments, r0: usi
 /// Backward: `(dq, dk, dv)` from the forward's inputs, output, log-sum-exp and `d_out`.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_backward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: Heads,
+    k: Heads,
+    v: Heads,
     query_segments: &[f32],
     key_segments: &[f32],
     out: &[f32],
@@ -157,18 +183,18 @@ pub fn flash_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let FlashShape { heads, tq, tk, dim, .. } = s;
     // Gradient accumulators, one disjoint slice of each per (batch, head).
-    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    let (bh_count, tk_len) = (s.batch * heads, tk * dim);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; bh_count * tq * dim], vec![0f32; bh_count * tk_len], vec![0f32; bh_count * tk_len]);
     dq.par_chunks_mut(tq * dim)
         .zip(dk.par_chunks_mut(tk * dim))
         .zip(dv.par_chunks_mut(tk * dim))
         .enumerate()
         .for_each(|(bh, ((dq, dk), dv))| {
             let qs = bh * tq * dim..(bh + 1) * tq * dim;
-            let ks = bh * tk * dim..(bh + 1) * tk * dim;
             let inputs = HeadInputs {
-                q: &q[qs.clone()],
-                k: &k[ks.clone()],
-                v: &v[ks],
+                q: q.slab(bh),
+                k: k.slab(bh),
+                v: v.slab(bh),
                 segments: RowSegments::new(query_segments, key_segments, bh / heads, &s),
                 out: &out[qs.clone()],
                 lse: &lse[bh * tq..(bh + 1) * tq],
@@ -246,10 +272,33 @@ mod flex {
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::TensorData;
 
-    use super::{FlashShape, flash_backward, flash_forward};
+    use super::{FlashShape, Heads, flash_backward, flash_forward};
     use crate::attention::FlashAttentionBackend;
 
     use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
+
+    /// Where each `(batch, head)` slab of a `[B, H, T, D]` tensor starts, when its rows are
+    /// contiguous within the slab: `(offset, batch stride, head stride)`.
+    fn slab_layout(t: &FlexTensor) -> Option<(usize, usize, usize)> {
+        let layout = t.layout();
+        let (shape, st) = (layout.shape(), layout.strides());
+        let dim = shape[3] as isize;
+        let rows_contiguous = st[3] == 1 && (shape[2] <= 1 || st[2] == dim);
+        (rows_contiguous && st[0] >= 0 && st[1] >= 0 && t.dtype() == burn::tensor::DType::F32)
+            .then(|| (layout.start_offset(), st[0] as usize, st[1] as usize))
+    }
+
+    /// q, k or v as it lies when its slabs can be read in place, else a row-major copy.
+    fn readable(t: &FlexTensor) -> FlexTensor {
+        if slab_layout(t).is_some() { t.clone() } else { contiguous(t) }
+    }
+
+    /// The slabs of a tensor [`readable`] returned.
+    fn heads(t: &FlexTensor) -> Heads<'_> {
+        let (offset, batch_stride, head_stride) = slab_layout(t).expect("readable layout");
+        let shape = t.layout().shape();
+        Heads { data: t.storage::<f32>(), offset, batch_stride, head_stride, heads: shape[1], slab_len: shape[2] * shape[3] }
+    }
 
     fn shape(q: &FlexTensor, k: &FlexTensor, causal: bool, scale: f32) -> FlashShape {
         let qs = q.layout().shape();
@@ -284,8 +333,9 @@ mod flex {
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
-            let [q, k, v, qs, ks] = [&q, &k, &v, &query_segments, &key_segments].map(contiguous);
-            let (out, lse) = flash_forward(values(&q), values(&k), values(&v), values(&qs), values(&ks), s);
+            let [q, k, v] = [&q, &k, &v].map(readable);
+            let [qs, ks] = [&query_segments, &key_segments].map(contiguous);
+            let (out, lse) = flash_forward(heads(&q), heads(&k), heads(&v), values(&qs), values(&ks), s);
             (tensor(out, vec![s.batch, s.heads, s.tq, s.dim]), tensor(lse, vec![s.batch, s.heads, s.tq]))
         }
 
@@ -302,11 +352,12 @@ mod flex {
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
-            let [q, k, v, qs, ks, out, lse, d_out] = [&q, &k, &v, &query_segments, &key_segments, &out, &lse, &d_out].map(contiguous);
+            let [q, k, v] = [&q, &k, &v].map(readable);
+            let [qs, ks, out, lse, d_out] = [&query_segments, &key_segments, &out, &lse, &d_out].map(contiguous);
             let (dq, dk, dv) = flash_backward(
-                values(&q),
-                values(&k),
-                values(&v),
+                heads(&q),
+                heads(&k),
+                heads(&v),
                 values(&qs),
                 values(&ks),
                 values(&out),

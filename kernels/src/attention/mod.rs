@@ -19,7 +19,7 @@ mod reference;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Bool, Int, Tensor};
-pub use cpu::{FlashShape, flash_backward, flash_forward};
+pub use cpu::{FlashShape, Heads, flash_backward, flash_forward};
 pub use reference::attention_reference;
 
 /// Which implementation computes attention.
