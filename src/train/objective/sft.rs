@@ -124,7 +124,7 @@ mod tests {
         }
     }
 
-    /// A packed row of three documents has the loss of the same documents one per row: each
+    /// A packed row of three documents has the loss and gradients of the same documents one per row: each
     /// attends only to itself and its positions restart at 0 (learned positions and RoPE,
     /// both attention implementations). Without the document ids it would not.
     #[test]
@@ -153,6 +153,34 @@ mod tests {
                 assert!((want - got).abs() <= 1e-5 * want.abs(), "llama {llama}, {attention:?}: packed {got} vs separate {want}");
                 let unmasked = loss(&Batch { documents: None, ..packed.clone() });
                 assert!((want - unmasked).abs() > 1e-3, "llama {llama}, {attention:?}: documents made no difference ({unmasked})");
+            }
+        }
+        // And the same gradient for every parameter (fused attention's backward, RoPE).
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let mut gpt = crate::model::GptConfig::tiny_for_tests(11, true);
+        gpt.dropout = 0.0;
+        let model = gpt.init(&device);
+        let context = ForwardContext { attention: AttentionImpl::Fused, ..ForwardContext::default() };
+        let grads = |b: &Batch| {
+            let loss = sft_loss(&model, &BatchTensors::new(b, &device), &context);
+            let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+            crate::weights::named_parameters(&model)
+                .into_iter()
+                .map(|(name, id, data)| {
+                    let g = match data.shape().len() {
+                        1 => grads.get::<1>(id).map(|g| g.into_data()),
+                        2 => grads.get::<2>(id).map(|g| g.into_data()),
+                        r => panic!("rank {r}"),
+                    };
+                    (name, g.expect("every parameter gets a gradient").try_to_vec::<f32>().unwrap())
+                })
+                .collect::<Vec<_>>()
+        };
+        for ((name, a), (_, b)) in grads(&separate).into_iter().zip(grads(&packed)) {
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-4 * scale, "{name}: packed {y} vs separate {x}");
             }
         }
     }
