@@ -264,6 +264,11 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
     if options.compare_gradient_checkpointing {
         plain.training.gradient_checkpointing = false;
     }
+    // First, so a corpus that cannot be packed fails before minutes of timing.
+    let packing = match options.compare_packing {
+        true => Some(compare_packing(&plain, &gpt, timed_steps)?),
+        false => None,
+    };
     let main = time_train_steps(&plain, &gpt, timed_steps, None)?;
     let with_gradient_checkpointing = match options.compare_gradient_checkpointing {
         false => None,
@@ -278,10 +283,6 @@ pub fn bench_train(config: &Config, options: &TrainBenchOptions) -> Result<Train
                 time_ratio: c.step_secs / main.step_secs,
             })
         }
-    };
-    let packing = match options.compare_packing {
-        true => Some(compare_packing(&plain, &gpt, timed_steps)?),
-        false => None,
     };
     let TimedSteps { tokens_per_step, step_secs, peak_bytes } = main;
     let tokens_per_sec = tokens_per_step as f64 / step_secs;

@@ -170,6 +170,28 @@ fn bench_train_reports_json() {
 }
 
 #[test]
+fn bench_train_pack_compares_one_record_per_row_with_packed_rows() {
+    let corpus = repo_root().join("data/shakespeare_dialogue.jsonl");
+    let r = run(&[
+        "bench", "train", "--config", "configs/bench.yaml", "--json", "--steps", "1", "--pack",
+        "--set", &format!("data.train={}", corpus.display()), "--set", "data.tokenizer=char",
+        "--set", "model.n_layers=1", "--set", "model.context_length=128", "--set", "training.batch_size=2",
+        "--set", "model.vocab_size=256",
+    ])
+    .ok();
+    let v: serde_json::Value = serde_json::from_str(r.stdout().trim()).unwrap();
+    let p = &v["packing"];
+    let (unpacked, packed) = (p["unpacked_fill"].as_f64().unwrap(), p["packed_fill"].as_f64().unwrap());
+    assert!(packed > 0.9 && packed > unpacked, "{p}");
+    for key in ["unpacked_tokens_per_sec", "packed_tokens_per_sec", "speedup"] {
+        assert!(p[key].as_f64().unwrap() > 0.0, "{key}: {p}");
+    }
+    // Plain text has nothing to pack.
+    let r = run(&["bench", "train", "--json", "--steps", "1", "--pack", "--set", "model.n_layers=1", "--set", "model.context_length=32"]).fails();
+    assert!(r.stderr().contains("data.pack") || r.stderr().contains("JSONL"), "{}", r.stderr());
+}
+
+#[test]
 fn bench_train_compares_attention_implementations_with_peak_memory() {
     let peak = |attention: &str| {
         let r = run(&[
