@@ -67,6 +67,23 @@ pub fn named_parameters<M: Module>(module: &M) -> Vec<(String, ParamId, TensorDa
     v.tensors
 }
 
+/// Each parameter's gradient by name, flattened (empty where `grads` has none); for tests
+/// comparing two ways of computing the same gradients.
+#[cfg(test)]
+pub(crate) fn named_gradients<M: Module>(grads: &burn::optim::GradientsParams, module: &M) -> Vec<(String, Vec<f32>)> {
+    named_parameters(module)
+        .into_iter()
+        .map(|(name, id, data)| {
+            let values = match data.shape().len() {
+                1 => grads.get::<1>(id).map(|g| g.into_data()),
+                2 => grads.get::<2>(id).map(|g| g.into_data()),
+                r => panic!("{name}: rank {r}"),
+            };
+            (name, values.map_or_else(Vec::new, |v| v.try_into_vec().unwrap()))
+        })
+        .collect()
+}
+
 /// Serialises a module's weights as safetensors (f32), parameter ids in the metadata.
 /// Which parameters a weight file holds: all, or (LoRA runs) only the adapters, since the
 /// frozen base is rebuilt from its source on load.

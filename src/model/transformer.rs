@@ -243,6 +243,12 @@ impl Positions {
         Self { ids, rows, len, documents: Some(documents) }
     }
 
+    /// What attention must hide besides the future, built once per forward for every layer:
+    /// `key_padding` and, for packed rows, the documents.
+    fn key_masks(&self, batch: usize, key_padding: Option<Tensor<2, Bool>>, device: &Device) -> KeyMasks {
+        KeyMasks { padding: key_padding, documents: self.documents_tensor(batch, device) }
+    }
+
     /// The document ids as a `[batch, len]` tensor for the attention masks.
     fn documents_tensor(&self, batch: usize, device: &Device) -> Option<Tensor<2, Int>> {
         let documents = self.documents.as_ref()?;
@@ -255,6 +261,15 @@ impl Positions {
         Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids, [self.rows, self.len]), device)
             .expand([batch, self.len])
     }
+}
+
+/// Keys each query may not see besides the future (see [`Positions::key_masks`]).
+#[derive(Debug, Clone)]
+struct KeyMasks {
+    /// `[batch, keys]`, `true` = hidden: the left padding of cached sequences.
+    padding: Option<Tensor<2, Bool>>,
+    /// `[batch, keys]` document ids of packed rows.
+    documents: Option<Tensor<2, Int>>,
 }
 
 /// Rotary position embedding in the "rotate half" layout Llama uses: dimension `i` of the
@@ -347,14 +362,13 @@ pub struct SelfAttention {
 impl SelfAttention {
     /// Attention over `x` and, with a cache, over the cached prefix too: the new keys and
     /// values are written into `cache` at its current length. Attention is causal (bottom-right
-    /// aligned, so new tokens see the whole prefix); `key_padding` (`[batch, keys]`, `true` =
-    /// hidden) hides the left padding of cached sequences.
+    /// aligned, so new tokens see the whole prefix) and hides what `masks` name.
     fn forward(
         &self,
         x: Tensor<3>,
         positions: &Positions,
         cache: Option<(&mut LayerCache, usize)>,
-        key_padding: Option<Tensor<2, Bool>>,
+        masks: &KeyMasks,
         attention_impl: AttentionImpl,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
@@ -394,8 +408,7 @@ impl SelfAttention {
             k = repeat(k);
             v = repeat(v);
         }
-        let documents = positions.documents_tensor(batch, &q.device());
-        let options = AttentionOptions { causal: true, key_padding, documents, mask: None };
+        let options = AttentionOptions { causal: true, key_padding: masks.padding.clone(), documents: masks.documents.clone(), mask: None };
         let y = attention(q, k, v, options, attention_impl).swap_dims(1, 2).reshape([batch, seq, q_width]);
         adapted(token_linear(&self.out, y.clone()), &self.lora_o, &y)
     }
@@ -510,10 +523,10 @@ impl Block {
         x: Tensor<3>,
         positions: &Positions,
         cache: Option<(&mut LayerCache, usize)>,
-        key_padding: Option<Tensor<2, Bool>>,
+        masks: &KeyMasks,
         context: &ForwardContext,
     ) -> Tensor<3> {
-        let attn = self.attn.forward(self.ln_attn.forward(x.clone(), context.norm), positions, cache, key_padding, context.attention);
+        let attn = self.attn.forward(self.ln_attn.forward(x.clone(), context.norm), positions, cache, masks, context.attention);
         let x = x + self.dropout.forward(attn);
         let ffn = self.ffn.forward(self.ln_ffn.forward(x.clone(), context.norm), context);
         x + self.dropout.forward(ffn)
@@ -641,13 +654,12 @@ impl Gpt {
             "sequence of {seq} tokens (positions up to {max_position}) exceeds the model's context_length {}",
             self.context_length
         );
+        let (batch, device) = (tokens.dims()[0], tokens.device());
+        let masks = positions.key_masks(batch, cache.as_ref().map(|(_, padding)| padding.clone()), &device);
         let mut x = self.embed_at(tokens, positions);
         for (i, block) in self.blocks.iter().enumerate() {
-            let (layer, key_padding) = match cache.as_mut() {
-                Some((c, padding)) => (Some((&mut c.layers[i], c.len)), Some(padding.clone())),
-                None => (None, None),
-            };
-            x = block.forward(x, positions, layer, key_padding, context);
+            let layer = cache.as_mut().map(|(c, _)| (&mut c.layers[i], c.len));
+            x = block.forward(x, positions, layer, &masks, context);
         }
         self.ln_final.forward(x, context.norm)
     }
@@ -674,7 +686,8 @@ impl Gpt {
 
     /// Block `i` over whole sequences (no cache).
     pub fn block(&self, i: usize, x: Tensor<3>, positions: &Positions, context: &ForwardContext) -> Tensor<3> {
-        self.blocks[i].forward(x, positions, None, None, context)
+        let masks = positions.key_masks(x.dims()[0], None, &x.device());
+        self.blocks[i].forward(x, positions, None, &masks, context)
     }
 
     pub fn final_norm(&self, x: Tensor<3>, context: &ForwardContext) -> Tensor<3> {

@@ -75,7 +75,8 @@ pub fn recomputed_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, TensorData};
+    use crate::weights::named_gradients;
+    use burn::tensor::Distribution;
 
     /// `hidden` with the same dropout seeding as the recomputation, in one graph: the plain
     /// backward of the same function.
@@ -88,20 +89,6 @@ mod tests {
             x = model.block(i, x, positions, context);
         }
         model.final_norm(x, context)
-    }
-
-    fn flat(grads: &GradientsParams, model: &Gpt) -> Vec<(String, Vec<f32>)> {
-        crate::weights::named_parameters(model)
-            .into_iter()
-            .map(|(name, id, data)| {
-                let values = match data.shape().len() {
-                    1 => grads.get::<1>(id).map(|g| g.into_data()),
-                    2 => grads.get::<2>(id).map(|g| g.into_data()),
-                    r => panic!("rank {r}"),
-                };
-                (name, values.unwrap_or_else(|| TensorData::new(Vec::<f32>::new(), [0])).try_into_vec().unwrap())
-            })
-            .collect()
     }
 
     /// The device RNG is process-wide and the other unit tests draw from it on parallel
@@ -140,7 +127,7 @@ mod tests {
             let (value, got) = recomputed_gradients(&model, tokens.clone(), &positions, &context, 5, head);
             let (a, b) = (value.into_scalar::<f32>(), reference.into_scalar::<f32>());
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "dropout {dropout}: loss {a} vs {b}");
-            for ((name, g), (_, w)) in flat(&got, &model).into_iter().zip(flat(&want, &model)) {
+            for ((name, g), (_, w)) in named_gradients(&got, &model).into_iter().zip(named_gradients(&want, &model)) {
                 assert!(!w.is_empty() && g.len() == w.len(), "{name}: {} vs {} values", g.len(), w.len());
                 let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-3);
                 for (x, y) in g.iter().zip(&w) {

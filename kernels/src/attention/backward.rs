@@ -93,8 +93,8 @@ impl<B: FlashAttentionBackend, C: CheckpointStrategy> FlashAttentionBackend for 
         scale: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let i = Self::inner;
-        let segments = (i(query_segments), i(key_segments));
-        let (dq, dk, dv) = B::flash_attention_backward(i(q), i(k), i(v), segments.0, segments.1, i(out), i(lse), i(d_out), causal, scale);
+        let (dq, dk, dv) =
+            B::flash_attention_backward(i(q), i(k), i(v), i(query_segments), i(key_segments), i(out), i(lse), i(d_out), causal, scale);
         (Self::from_inner(dq), Self::from_inner(dk), Self::from_inner(dv))
     }
 }

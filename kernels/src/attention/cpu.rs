@@ -53,11 +53,6 @@ pub struct Heads<'a> {
 }
 
 impl<'a> Heads<'a> {
-    /// A row-major `[B, H, T, D]` buffer.
-    pub fn contiguous(data: &'a [f32], heads: usize, rows: usize, dim: usize) -> Self {
-        Self { data, offset: 0, batch_stride: heads * rows * dim, head_stride: rows * dim, heads, slab_len: rows * dim }
-    }
-
     /// The rows of `(batch, head)` number `bh = batch · heads + head`.
     fn slab(&self, bh: usize) -> &'a [f32] {
         let start = self.offset + (bh / self.heads) * self.batch_stride + (bh % self.heads) * self.head_stride;
