@@ -19,6 +19,14 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     p * f32::from_bits(biased << 23)
 }
 
+/// The output buffer of a kernel that writes every element. Debug builds (the tests, whose
+/// kernels crate keeps debug assertions) fill it with NaN, so an element a kernel forgets
+/// fails the harness; release builds skip that extra pass over memory (a zeroed allocation:
+/// fresh pages are zero already).
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    if cfg!(debug_assertions) { vec![f32::NAN; len] } else { vec![0.0; len] }
+}
+
 /// Runs `f` compiled for the widest vector unit this CPU has (AVX-512, AVX2 + FMA, or the
 /// baseline), picked at run time: the crate is built for baseline x86-64, so loops written for
 /// auto-vectorisation only get wide vectors inside such a call. The closure must be marked

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::{Gate, GatedUnit};
-use crate::math::{exp_nonpositive, with_widest_simd};
+use crate::math::{exp_nonpositive, output_buffer, with_widest_simd};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -115,7 +115,7 @@ fn with_gate<L: GateLoop>(gate: Gate, body: L) -> L::Output {
 
 /// GELU of every value.
 pub fn gelu_values(x: &[f32], tanh_form: bool) -> Vec<f32> {
-    let mut out = vec![f32::NAN; x.len()]; // poisoned: every element must be written
+    let mut out = output_buffer(x.len());
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
         with_widest_simd(#[inline(always)] || {
             for (o, &x) in o.iter_mut().zip(x) {
@@ -126,18 +126,17 @@ pub fn gelu_values(x: &[f32], tanh_form: bool) -> Vec<f32> {
     out
 }
 
-/// `grad · GELU'(x)` for every value.
-pub fn gelu_backward_values(x: &[f32], grad: &[f32], tanh_form: bool) -> Vec<f32> {
+/// `grad ← grad · GELU'(x)` for every value, in the upstream gradient's buffer (autodiff
+/// hands it over, so the backward allocates nothing of the activation's size).
+pub fn gelu_backward_in_place(x: &[f32], grad: &mut [f32], tanh_form: bool) {
     assert_eq!(x.len(), grad.len(), "GELU backward: input and gradient sizes differ");
-    let mut out = vec![f32::NAN; x.len()];
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(|(o, (x, g))| {
+    grad.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(g, x)| {
         with_widest_simd(#[inline(always)] || {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                *o = g * gelu_and_slope(x, tanh_form).1;
+            for (g, &x) in g.iter_mut().zip(x) {
+                *g *= gelu_and_slope(x, tanh_form).1;
             }
         })
     });
-    out
 }
 
 /// `(a', d a'/da)`: the value path of a gated unit.
@@ -164,7 +163,7 @@ pub fn gated_unit_values(a: &[f32], b: &[f32], alpha: f32, unit: GatedUnit) -> V
         type Output = Vec<f32>;
         fn run(self, gate: impl Fn(f32) -> (f32, f32) + Sync + Copy) -> Vec<f32> {
             let Forward { a, b, alpha, tanh_value } = self;
-            let mut out = vec![f32::NAN; a.len()]; // poisoned: every element must be written
+            let mut out = output_buffer(a.len());
             out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
                 with_widest_simd(#[inline(always)] || {
                     for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
@@ -178,34 +177,36 @@ pub fn gated_unit_values(a: &[f32], b: &[f32], alpha: f32, unit: GatedUnit) -> V
     with_gate(unit.gate, Forward { a, b, alpha, tanh_value: unit.tanh_value })
 }
 
-/// `(d a, d b, d α)` of the gated unit for the upstream gradient `grad`. dα is summed per
-/// chunk (16 lanes, then f64) and over the chunks in order, so it does not depend on thread
-/// timing.
-pub fn gated_unit_backward_values(a: &[f32], b: &[f32], alpha: f32, grad: &[f32], unit: GatedUnit) -> (Vec<f32>, Vec<f32>, f32) {
+/// The gated unit's backward for the upstream gradient `grad`, which is overwritten with
+/// `d a` (each element is read before its slot is written); returns `(d b, d α)`. dα is
+/// summed per chunk (16 lanes, then f64) and over the chunks in order, so it does not depend
+/// on thread timing.
+pub fn gated_unit_backward_in_place(a: &[f32], b: &[f32], alpha: f32, grad: &mut [f32], unit: GatedUnit) -> (Vec<f32>, f32) {
     assert!(a.len() == b.len() && a.len() == grad.len(), "gated unit backward: sizes differ");
     struct Backward<'a> {
         a: &'a [f32],
         b: &'a [f32],
-        grad: &'a [f32],
+        grad: &'a mut [f32],
         alpha: f32,
         tanh_value: bool,
     }
     impl GateLoop for Backward<'_> {
-        type Output = (Vec<f32>, Vec<f32>, f32);
+        type Output = (Vec<f32>, f32);
         fn run(self, gate: impl Fn(f32) -> (f32, f32) + Sync + Copy) -> Self::Output {
             let Backward { a, b, grad, alpha, tanh_value } = self;
-            let (mut da, mut db) = (vec![f32::NAN; a.len()], vec![f32::NAN; a.len()]);
-            let partials: Vec<f64> = da
+            let mut db = output_buffer(a.len());
+            let partials: Vec<f64> = grad
                 .par_chunks_mut(CHUNK)
                 .zip(db.par_chunks_mut(CHUNK))
-                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).zip(grad.par_chunks(CHUNK)))
-                .map(|((da, db), ((a, b), g))| {
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .map(|((grad_to_da, db), (a, b))| {
                     with_widest_simd(#[inline(always)] || {
                         let mut dalpha = [0f32; 16];
-                        for (i, ((((da, db), &a), &b), &g)) in da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).zip(g).enumerate() {
+                        for (i, (((slot, db), &a), &b)) in grad_to_da.iter_mut().zip(db.iter_mut()).zip(a).zip(b).enumerate() {
+                            let g = *slot;
                             let (v, dv) = value_and_slope(tanh_value, a);
                             let (gv, dg) = gate(b);
-                            *da = g * dv * (alpha * gv + 1.0 - alpha);
+                            *slot = g * dv * (alpha * gv + 1.0 - alpha);
                             *db = g * v * alpha * dg;
                             dalpha[i % 16] += g * v * (gv - 1.0);
                         }
@@ -213,7 +214,7 @@ pub fn gated_unit_backward_values(a: &[f32], b: &[f32], alpha: f32, grad: &[f32]
                     })
                 })
                 .collect();
-            (da, db, partials.iter().sum::<f64>() as f32)
+            (db, partials.iter().sum::<f64>() as f32)
         }
     }
     with_gate(unit.gate, Backward { a, b, grad, alpha, tanh_value: unit.tanh_value })
@@ -225,9 +226,9 @@ mod flex {
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::TensorData;
 
-    use super::{gated_unit_backward_values, gated_unit_values, gelu_backward_values, gelu_values};
+    use super::{gated_unit_backward_in_place, gated_unit_values, gelu_backward_in_place, gelu_values};
     use crate::activation::{ActivationBackend, GatedUnit};
-    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
+    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values, writable_f32 as writable};
 
     fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
         FlexTensor::from_data(TensorData::new(values, shape))
@@ -249,9 +250,9 @@ mod flex {
         }
 
         fn gelu_fused_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, tanh: bool) -> FloatTensor<Self> {
-            let shape = x.layout().shape().to_vec();
-            let (x, grad) = (contiguous(&x), contiguous(&grad));
-            tensor(gelu_backward_values(values(&x), values(&grad), tanh), shape)
+            let (x, mut grad) = (contiguous(&x), writable(grad));
+            gelu_backward_in_place(values(&x), grad.storage_mut(), tanh);
+            grad
         }
 
         fn gated_unit_fused(a: FloatTensor<Self>, b: FloatTensor<Self>, alpha: FloatTensor<Self>, unit: GatedUnit) -> FloatTensor<Self> {
@@ -268,9 +269,9 @@ mod flex {
             unit: GatedUnit,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let shape = a.layout().shape().to_vec();
-            let (a, b, grad) = (contiguous(&a), contiguous(&b), contiguous(&grad));
-            let (da, db, dalpha) = gated_unit_backward_values(values(&a), values(&b), scalar(&alpha), values(&grad), unit);
-            (tensor(da, shape.clone()), tensor(db, shape), tensor(vec![dalpha], vec![1]))
+            let (a, b, mut grad) = (contiguous(&a), contiguous(&b), writable(grad));
+            let (db, dalpha) = gated_unit_backward_in_place(values(&a), values(&b), scalar(&alpha), grad.storage_mut(), unit);
+            (grad, tensor(db, shape), tensor(vec![dalpha], vec![1]))
         }
     }
 }

@@ -15,7 +15,6 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
 use burn::tensor::activation::{gelu as burn_gelu, gelu_approximate, relu, sigmoid, silu, softplus, tanh};
-pub use cpu::{gated_unit_backward_values, gated_unit_values, gelu_backward_values, gelu_values};
 
 /// Which implementation computes the FFN activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

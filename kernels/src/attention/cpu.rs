@@ -7,7 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::math::{exp_nonpositive, exp_shifted_in_place, matmul, max_of, with_widest_simd};
+use crate::math::{exp_nonpositive, exp_shifted_in_place, matmul, max_of, output_buffer, with_widest_simd};
 
 /// Query and key rows per tile.
 const TILE: usize = 128;
@@ -96,9 +96,9 @@ impl<'a> RowSegments<'a> {
 /// gets output 0 and log-sum-exp −∞.
 pub fn flash_forward(q: Heads, k: Heads, v: Heads, query_segments: &[f32], key_segments: &[f32], s: FlashShape) -> (Vec<f32>, Vec<f32>) {
     let FlashShape { batch, heads, tq, dim, .. } = s;
-    // Poisoned: every tile must write its rows.
-    let mut out = vec![f32::NAN; batch * heads * tq * dim];
-    let mut lse = vec![f32::NAN; batch * heads * tq];
+    // Every tile writes its rows (poisoned in debug builds).
+    let mut out = output_buffer(batch * heads * tq * dim);
+    let mut lse = output_buffer(batch * heads * tq);
     // Per (batch, head), then per query tile: each task writes its own disjoint rows.
     out.par_chunks_mut(tq * dim).zip(lse.par_chunks_mut(tq)).enumerate().for_each(|(bh, (out_head, lse_head))| {
         let segments = RowSegments::new(query_segments, key_segments, bh / heads, &s);

@@ -2,85 +2,100 @@
 
 use rayon::prelude::*;
 
-use crate::math::{sum_zip, with_widest_simd};
+use crate::math::{output_buffer, sum_zip, with_widest_simd};
 
 /// Norms below this count as zero (the reference clamps the same way).
 const NORM_EPS: f32 = 1e-12;
 
 /// `embeddings [G, N, D]` (flat) → diversity per group.
 pub fn diversity_forward(embeddings: &[f32], groups: usize, n: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![f32::NAN; groups]; // poisoned: every group must be written
-    out.par_iter_mut().enumerate().for_each(|(g, slot)| {
-        *slot = if n < 2 {
-            0.0
-        } else {
-            with_widest_simd(#[inline(always)] || {
-                let group = &embeddings[g * n * d..(g + 1) * n * d];
-                let mut sum = vec![0f32; d];
-                let self_dots = unit_sum(group, d, &mut sum, |_, _| {});
-                let pairs = dot(&sum, &sum) as f64 - self_dots;
-                (1.0 - pairs / (n * (n - 1)) as f64) as f32
-            })
-        };
-    });
+    let mut out = output_buffer(groups);
+    out.par_iter_mut().enumerate().for_each_init(
+        || vec![0f32; d],
+        |sum, (g, slot)| {
+            *slot = if n < 2 {
+                0.0
+            } else {
+                with_widest_simd(#[inline(always)] || {
+                    let group = &embeddings[g * n * d..(g + 1) * n * d];
+                    let self_dots = unit_sum(group, d, sum, |_, _| {});
+                    let pairs = dot(sum, sum) as f64 - self_dots;
+                    (1.0 - pairs / (n * (n - 1)) as f64) as f32
+                })
+            };
+        },
+    );
     out
 }
 
 /// Gradient of `Σ_g grad[g] · diversity[g]` w.r.t. the embeddings:
 /// `∂D/∂u_i = −2 (s − u_i) / (N(N−1))`, projected through the normalisation
-/// `∂u/∂e = (I − u uᵀ) / ‖e‖`. Per group: one pass for the norms and `s`, one that writes
-/// the gradient row by row (each row's unit vector formed once, in L1).
+/// `∂u/∂e = (I − u uᵀ) / ‖e‖`. Per group: one pass over the embeddings for the norms and `s`,
+/// then one that writes the gradient row by row; the group (N·D floats) is still in cache for
+/// the second, so memory sees one read and one write.
 pub fn diversity_backward(embeddings: &[f32], grad: &[f32], groups: usize, n: usize, d: usize) -> Vec<f32> {
     assert_eq!(grad.len(), groups, "one upstream gradient per group");
-    let mut out = vec![f32::NAN; embeddings.len()];
-    out.par_chunks_mut((n * d).max(1)).enumerate().for_each(|(g, dst)| {
-        if n < 2 || d == 0 {
-            dst.fill(0.0);
-            return;
-        }
-        with_widest_simd(#[inline(always)] || {
-            let group = &embeddings[g * n * d..(g + 1) * n * d];
-            let mut sum = vec![0f32; d];
-            let mut norms = vec![0f32; n];
-            unit_sum(group, d, &mut sum, |row, norm| norms[row] = norm);
-            let coef = -2.0 * grad[g] / (n * (n - 1)) as f32;
-            let mut u = vec![0f32; d];
-            for ((e, &norm), dst) in group.chunks_exact(d).zip(&norms).zip(dst.chunks_exact_mut(d)) {
-                // u = e / ‖e‖ (a division, as the reference does: in one dimension u is then
-                // exactly ±1 and the projected gradient exactly 0); g_u = coef · (s − u);
-                // result = (g_u − u (u·g_u)) / ‖e‖.
-                u.iter_mut().zip(e).for_each(|(u, &x)| *u = x / norm);
-                let u_dot_g = coef * dot_minus(&u, &sum);
-                for ((o, &u), &s) in dst.iter_mut().zip(&u).zip(&sum) {
-                    *o = (coef * (s - u) - u * u_dot_g) / norm;
-                }
+    let mut out = output_buffer(embeddings.len());
+    out.par_chunks_mut((n * d).max(1)).enumerate().for_each_init(
+        || (vec![0f32; d], vec![0f32; n]),
+        |(sum, norms), (g, dst)| {
+            if n < 2 || d == 0 {
+                dst.fill(0.0);
+                return;
             }
-        });
-    });
+            with_widest_simd(#[inline(always)] || {
+                let group = &embeddings[g * n * d..(g + 1) * n * d];
+                unit_sum(group, d, sum, |row, norm| norms[row] = norm);
+                let coef = -2.0 * grad[g] / (n * (n - 1)) as f32;
+                for ((e, &norm), dst) in group.chunks_exact(d).zip(norms.iter()).zip(dst.chunks_exact_mut(d)) {
+                    let inverse = 1.0 / norm;
+                    if d == 1 {
+                        // In one dimension u = ±1, exactly only by division (x · (1/‖x‖) can
+                        // miss by an ulp, which the 1/‖e‖ would scale up): then the projected
+                        // gradient is exactly 0, as the reference's.
+                        project_row(e, sum, dst, coef, inverse, |x| x / norm);
+                    } else {
+                        project_row(e, sum, dst, coef, inverse, |x| x * inverse);
+                    }
+                }
+            });
+        },
+    );
     out
 }
 
-/// Adds each row's unit vector into `sum` (telling `clamped_norm(row, ‖e‖)` as it goes) and
-/// returns `Σ ‖u_i‖²` (1 per nonzero row, 0 for a zero row).
+/// One row's gradient: `u = unit(e)`, `g_u = coef · (s − u)`, `(g_u − u (u·g_u)) / ‖e‖`, with
+/// `u` formed on the fly in both passes over the row (no division, no stored copy).
+#[inline(always)]
+fn project_row(e: &[f32], sum: &[f32], dst: &mut [f32], coef: f32, inverse_norm: f32, unit: impl Fn(f32) -> f32) {
+    let u_dot_g = coef
+        * sum_zip(e, sum, |x, s| {
+            let u = unit(x);
+            u * (s - u)
+        });
+    for ((o, &x), &s) in dst.iter_mut().zip(e).zip(sum) {
+        let u = unit(x);
+        *o = (coef * (s - u) - u * u_dot_g) * inverse_norm;
+    }
+}
+
+/// Overwrites `sum` with the sum of the rows' unit vectors (telling `clamped_norm(row, ‖e‖)`
+/// as it goes) and returns `Σ ‖u_i‖²` (1 per nonzero row, 0 for a zero row).
 #[inline(always)]
 fn unit_sum(group: &[f32], d: usize, sum: &mut [f32], mut clamped_norm: impl FnMut(usize, f32)) -> f64 {
+    sum.fill(0.0);
     let mut self_dots = 0f64;
     for (row, e) in group.chunks_exact(d).enumerate() {
         let length = dot(e, e).sqrt();
         let norm = length.max(NORM_EPS);
         clamped_norm(row, norm);
+        let inverse = 1.0 / norm;
         for (s, &x) in sum.iter_mut().zip(e) {
-            *s += x / norm;
+            *s += x * inverse;
         }
         self_dots += (length as f64 / norm as f64).powi(2);
     }
     self_dots
-}
-
-/// `Σ u_c (s_c − u_c)`.
-#[inline(always)]
-fn dot_minus(u: &[f32], s: &[f32]) -> f32 {
-    sum_zip(u, s, |u, s| u * (s - u))
 }
 
 /// `a · b`.

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::NormKind;
-use crate::math::{sum_zip, with_widest_simd};
+use crate::math::{output_buffer, sum_zip, with_widest_simd};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
@@ -14,8 +14,8 @@ const ROWS_PER_TASK: usize = 32;
 pub fn norm_forward_values(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f64, kind: NormKind) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     assert!(d > 0 && x.len() % d == 0 && beta.len() == d, "norm: input, γ and β sizes disagree");
-    let mut y = vec![f32::NAN; x.len()]; // poisoned: every element must be written
-    let mut stats = vec![f32::NAN; 2 * (x.len() / d)];
+    let mut y = output_buffer(x.len());
+    let mut stats = output_buffer(2 * (x.len() / d));
     let task = ROWS_PER_TASK * d;
     y.par_chunks_mut(task).zip(stats.par_chunks_mut(2 * ROWS_PER_TASK)).zip(x.par_chunks(task)).for_each(|((y, stats), x)| {
         with_widest_simd(#[inline(always)] || {
@@ -44,37 +44,40 @@ fn row_stats(x: &[f32], epsilon: f64, kind: NormKind) -> (f32, f32) {
     (mean, 1.0 / (var + epsilon as f32).sqrt())
 }
 
-/// `(d x, d γ, d β)`: with `x̂ = (x − μ)·r` and `g = dy ⊙ γ`,
+/// The norm's backward with the upstream gradient `grad` (dy) overwritten by d x; returns
+/// `(d γ, d β)`. With `x̂ = (x − μ)·r` and `g = dy ⊙ γ`,
 /// `d x = r·(g − mean(g) − x̂·mean(g ⊙ x̂))` (LayerNorm) or `r·(g − x̂·mean(g ⊙ x̂))` (RMSNorm),
-/// `d γ = Σ_rows dy ⊙ x̂`, `d β = Σ_rows dy`.
-pub fn norm_backward_values(x: &[f32], gamma: &[f32], stats: &[f32], grad: &[f32], kind: NormKind) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// `d γ = Σ_rows dy ⊙ x̂`, `d β = Σ_rows dy`. Autodiff hands the gradient over, so the
+/// backward allocates no buffer of the input's size.
+pub fn norm_backward_in_place(x: &[f32], gamma: &[f32], stats: &[f32], grad: &mut [f32], kind: NormKind) -> (Vec<f32>, Vec<f32>) {
     let d = gamma.len();
     assert!(x.len() == grad.len() && x.len() % d == 0 && stats.len() == 2 * (x.len() / d), "norm backward: sizes disagree");
-    let mut dx = vec![f32::NAN; x.len()];
     let task = ROWS_PER_TASK * d;
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = grad
         .par_chunks_mut(task)
-        .zip(x.par_chunks(task).zip(grad.par_chunks(task)).zip(stats.par_chunks(2 * ROWS_PER_TASK)))
-        .map(|(dx, ((x, grad), stats))| {
+        .zip(x.par_chunks(task).zip(stats.par_chunks(2 * ROWS_PER_TASK)))
+        .map(|(grad, (x, stats))| {
             with_widest_simd(#[inline(always)] || {
                 let (mut dgamma, mut dbeta) = (vec![0f32; d], vec![0f32; d]);
-                for ((dx, x), (dy, stat)) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(grad.chunks_exact(d).zip(stats.chunks_exact(2))) {
+                for ((row, x), stat) in grad.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(stats.chunks_exact(2)) {
                     let (mean, rstd) = (stat[0], stat[1]);
-                    // dx holds g = dy ⊙ γ until the last loop.
-                    for ((g, &dy), &gamma) in dx.iter_mut().zip(dy).zip(gamma) {
-                        *g = dy * gamma;
+                    // dy is read once, for d γ and d β; the row then holds g = dy ⊙ γ until
+                    // the last loop turns it into d x.
+                    for ((((slot, &x), &gamma), dgamma), dbeta) in row.iter_mut().zip(x).zip(gamma).zip(&mut dgamma).zip(&mut dbeta) {
+                        let dy = *slot;
+                        *dgamma += dy * (x - mean) * rstd;
+                        *dbeta += dy;
+                        *slot = dy * gamma;
                     }
                     let n = d as f32;
-                    let g_xhat = sum_zip(dx, x, |g, x| g * (x - mean) * rstd) / n;
+                    let g_xhat = sum_zip(row, x, |g, x| g * (x - mean) * rstd) / n;
                     let g_mean = match kind {
-                        NormKind::Layer => sum_zip(dx, dx, |g, _| g) / n,
+                        NormKind::Layer => sum_zip(row, row, |g, _| g) / n,
                         NormKind::Rms => 0.0,
                     };
-                    for ((((g, &x), &dy), dgamma), dbeta) in dx.iter_mut().zip(x).zip(dy).zip(&mut dgamma).zip(&mut dbeta) {
+                    for (g, &x) in row.iter_mut().zip(x) {
                         let xhat = (x - mean) * rstd;
                         *g = rstd * (*g - g_mean - xhat * g_xhat);
-                        *dgamma += dy * xhat;
-                        *dbeta += dy;
                     }
                 }
                 (dgamma, dbeta)
@@ -88,7 +91,7 @@ pub fn norm_backward_values(x: &[f32], gamma: &[f32], stats: &[f32], grad: &[f32
             *b += pb;
         }
     }
-    (dx, dgamma, dbeta)
+    (dgamma, dbeta)
 }
 
 mod flex {
@@ -97,8 +100,8 @@ mod flex {
     use burn::backend::tensor::FloatTensor;
     use burn::tensor::TensorData;
 
-    use super::{norm_backward_values, norm_forward_values};
-    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
+    use super::{norm_backward_in_place, norm_forward_values};
+    use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values, writable_f32 as writable};
     use crate::norm::{NormBackend, NormKind};
 
     fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
@@ -131,11 +134,10 @@ mod flex {
             grad: FloatTensor<Self>,
             kind: NormKind,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-            let shape = x.layout().shape().to_vec();
-            let d = *shape.last().expect("norm input has a last dimension");
-            let (x, gamma, stats, grad) = (contiguous(&x), contiguous(&gamma), contiguous(&stats), contiguous(&grad));
-            let (dx, dgamma, dbeta) = norm_backward_values(values(&x), values(&gamma), values(&stats), values(&grad), kind);
-            (tensor(dx, shape), tensor(dgamma, vec![d]), tensor(dbeta, vec![d]))
+            let d = *x.layout().shape().last().expect("norm input has a last dimension");
+            let (x, gamma, stats, mut grad) = (contiguous(&x), contiguous(&gamma), contiguous(&stats), writable(grad));
+            let (dgamma, dbeta) = norm_backward_in_place(values(&x), values(&gamma), values(&stats), grad.storage_mut(), kind);
+            (grad, tensor(dgamma, vec![d]), tensor(dbeta, vec![d]))
         }
     }
 }

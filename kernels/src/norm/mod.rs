@@ -12,7 +12,6 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
 use burn::tensor::module::layer_norm;
-pub use cpu::{norm_backward_values, norm_forward_values};
 
 /// Which implementation computes the transformer's norms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
