@@ -92,23 +92,64 @@ pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 
     tail + acc.iter().sum::<f32>()
 }
 
+/// A row-major matrix operand of [`matmul`] whose rows lie `stride` elements apart (a view of
+/// a wider buffer, e.g. one head's rows inside `[B, T, H·D]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Rows `start..start + count`, each `width` long: the slice from the first row's start to
+    /// the last row's end.
+    #[inline(always)]
+    pub fn rows(&self, start: usize, count: usize, width: usize) -> Rows<'a> {
+        let first = start * self.stride;
+        let end = if count == 0 { first } else { first + (count - 1) * self.stride + width };
+        Rows { data: &self.data[first..end], stride: self.stride }
+    }
+}
+
+impl<'a> From<&'a [f32]> for Rows<'a> {
+    /// A dense matrix: the stride is set by [`matmul`] from the shape (`0` = packed).
+    fn from(data: &'a [f32]) -> Self {
+        Rows { data, stride: 0 }
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Rows<'a> {
+    fn from(data: &'a Vec<f32>) -> Self {
+        Rows { data, stride: 0 }
+    }
+}
+
 /// `c[m×n] (+)= a · b` for row-major `a` (`[m×k]`, or stored `[k×m]` when `a_transposed`)
-/// and `b` (`[k×n]`, or stored `[n×k]` when `b_transposed`), through `gemm`.
+/// and `b` (`[k×n]`, or stored `[n×k]` when `b_transposed`), through `gemm`. An operand's
+/// stride is the distance between its stored rows; 0 means packed (the stored row length).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
+pub(crate) fn matmul<'a, 'b>(
     c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
+    a: impl Into<Rows<'a>>,
+    b: impl Into<Rows<'b>>,
     (m, n, k): (usize, usize, usize),
     a_transposed: bool,
     b_transposed: bool,
     accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    // Row-major strides: (column stride, row stride).
-    let (a_cs, a_rs) = if a_transposed { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if b_transposed { (k as isize, 1) } else { (1, n as isize) };
+    // Stored shape (rows, row length) of each operand.
+    let (a_rows, a_width) = if a_transposed { (k, m) } else { (m, k) };
+    let (b_rows, b_width) = if b_transposed { (n, k) } else { (k, n) };
+    let stride = |r: &Rows, width: usize| if r.stride == 0 { width } else { r.stride };
+    let (a, b) = (a.into(), b.into());
+    let (lda, ldb) = (stride(&a, a_width), stride(&b, b_width));
+    let extent = |rows: usize, ld: usize, width: usize| if rows == 0 || width == 0 { 0 } else { (rows - 1) * ld + width };
+    assert!(lda >= a_width && ldb >= b_width, "matmul: a row stride shorter than the row");
+    assert!(c.len() >= m * n && a.data.len() >= extent(a_rows, lda, a_width) && b.data.len() >= extent(b_rows, ldb, b_width));
+    // Row-major strides: (column stride, row stride) of the logical operand.
+    let (a_cs, a_rs) = if a_transposed { (lda as isize, 1) } else { (1, lda as isize) };
+    let (b_cs, b_rs) = if b_transposed { (ldb as isize, 1) } else { (1, ldb as isize) };
     // SAFETY: the asserts above bound every index the strides reach.
     unsafe {
         gemm::gemm(
@@ -119,10 +160,10 @@ pub(crate) fn matmul(
             1,
             n as isize,
             accumulate,
-            a.as_ptr(),
+            a.data.as_ptr(),
             a_cs,
             a_rs,
-            b.as_ptr(),
+            b.data.as_ptr(),
             b_cs,
             b_rs,
             1.0f32,

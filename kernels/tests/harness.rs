@@ -178,6 +178,22 @@ fn flash_attention_reads_strided_views() {
             assert_close(&format!("{device:?} strided: {name}"), f, r, tol);
         }
 
+        // q, k, v split from one fused projection `[B, T, 3·H·D]`, as the model's attention
+        // makes them (rows 3·H·D apart, read in place on the CPU), over more than one tile.
+        let long = 150;
+        let qkv = vec![Tensor::<3>::random([b, long, 3 * h * d], normal, &ad)];
+        let weights = Tensor::<4>::random([b, h, long, d], normal, &ad);
+        let run = |implementation| {
+            forward_and_grads(&qkv, &weights, |x| {
+                let part = |i: usize| x[0].clone().narrow(2, i * h * d, h * d).reshape([b, long, h, d]).swap_dims(1, 2);
+                attention(part(0), part(1), part(2), AttentionOptions { causal: true, ..Default::default() }, implementation)
+            })
+        };
+        let (fused, fused_grads) = run(AttentionImpl::Fused);
+        let (reference, reference_grads) = run(AttentionImpl::Reference);
+        assert_close(&format!("{device:?} split projection: output"), &fused, &reference, tol);
+        assert_close(&format!("{device:?} split projection: d qkv"), &fused_grads[0], &reference_grads[0], tol);
+
         // Keys and values as the KV cache's prefix: the first `t` of `capacity` rows per head
         // (read in place on the CPU), with left padding hidden and queries the last 3 tokens.
         let (capacity, tq) = (50, 3);

@@ -7,7 +7,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use crate::math::{exp_nonpositive, exp_shifted_in_place, matmul, max_of, output_buffer, with_widest_simd};
+use crate::math::{Rows, exp_nonpositive, exp_shifted_in_place, matmul, max_of, output_buffer, with_widest_simd};
 
 /// Query and key rows per tile.
 const TILE: usize = 128;
@@ -39,8 +39,10 @@ impl FlashShape {
 }
 
 /// `[B, H, T, D]` values read one `(batch, head)` slab at a time: each slab's `T` rows of `D`
-/// are contiguous, the slabs anywhere in `data` (the KV cache's prefix is a view of a longer
-/// buffer: reading it in place saves copying every cached key and value at every token).
+/// lie `row_stride` apart, the slabs anywhere in `data`. Views are read where they lie: the KV
+/// cache's prefix (a view of a longer buffer: no copy of every cached key and value at every
+/// token) and q, k, v split from the fused `[B, T, (H + 2·H_kv)·D]` projection (no copy of
+/// each into a `[B, H, T, D]` buffer, in the forward and again in the backward).
 #[derive(Debug, Clone, Copy)]
 pub struct Heads<'a> {
     pub data: &'a [f32],
@@ -48,15 +50,19 @@ pub struct Heads<'a> {
     pub batch_stride: usize,
     pub head_stride: usize,
     pub heads: usize,
-    /// Rows × head dim of one slab.
-    pub slab_len: usize,
+    /// Distance between consecutive rows (`D` when a slab is dense).
+    pub row_stride: usize,
+    /// Rows per slab.
+    pub rows: usize,
+    /// Head dim: the length of a row.
+    pub dim: usize,
 }
 
 impl<'a> Heads<'a> {
     /// The rows of `(batch, head)` number `bh = batch · heads + head`.
-    fn slab(&self, bh: usize) -> &'a [f32] {
+    fn slab(&self, bh: usize) -> Rows<'a> {
         let start = self.offset + (bh / self.heads) * self.batch_stride + (bh % self.heads) * self.head_stride;
-        &self.data[start..start + self.slab_len]
+        Rows { data: &self.data[start..], stride: self.row_stride }.rows(0, self.rows, self.dim)
     }
 }
 
@@ -106,7 +112,7 @@ pub fn flash_forward(q: Heads, k: Heads, v: Heads, query_segments: &[f32], key_s
         out_head.par_chunks_mut(TILE * dim).zip(lse_head.par_chunks_mut(TILE)).enumerate().for_each(|(t, (out_tile, lse_tile))| {
             let r0 = t * TILE;
             let rows = lse_tile.len();
-            let q_tile = &q[r0 * dim..(r0 + rows) * dim];
+            let q_tile = q.rows(r0, rows, dim);
             with_widest_simd(#[inline(always)] || forward_tile(q_tile, k, v, &segments, r0, s, out_tile, lse_tile));
         });
     });
@@ -117,7 +123,7 @@ pub fn flash_forward(q: Heads, k: Heads, v: Heads, query_segments: &[f32], key_s
 /// the tile's output rows and log-sum-exps.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn forward_tile(q: &[f32], k: &[f32], v: &[f32], segments: &RowSegments, r0: usize, s: FlashShape, out: &mut [f32], lse: &mut [f32]) {
+fn forward_tile(q: Rows, k: Rows, v: Rows, segments: &RowSegments, r0: usize, s: FlashShape, out: &mut [f32], lse: &mut [f32]) {
     let dim = s.dim;
     let rows = lse.len();
     let mut acc = vec![0f32; rows * dim];
@@ -130,7 +136,7 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], segments: &RowSegments, r0: usi
             continue; // every score of the tile would be masked
         }
         let cols = TILE.min(s.tk - c0);
-        matmul(&mut scores, q, &k[c0 * dim..(c0 + cols) * dim], (rows, cols, dim), false, true, false, Parallelism::None);
+        matmul(&mut scores, q, k.rows(c0, cols, dim), (rows, cols, dim), false, true, false, Parallelism::None);
         let key_segments = &segments.key[c0..c0 + cols];
         for r in 0..rows {
             let row = &mut scores[r * cols..(r + 1) * cols];
@@ -151,7 +157,7 @@ fn forward_tile(q: &[f32], k: &[f32], v: &[f32], segments: &RowSegments, r0: usi
             acc[r * dim..(r + 1) * dim].iter_mut().for_each(|a| *a *= correction);
         }
         // acc += P · V_tile
-        matmul(&mut acc, &scores, &v[c0 * dim..(c0 + cols) * dim], (rows, dim, cols), false, false, true, Parallelism::None);
+        matmul(&mut acc, &scores, v.rows(c0, cols, dim), (rows, dim, cols), false, false, true, Parallelism::None);
     }
     for r in 0..rows {
         // A row that saw no key keeps its zero accumulator.
@@ -202,9 +208,9 @@ pub fn flash_backward(
 
 /// One head's slices of the backward's inputs.
 struct HeadInputs<'a> {
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Rows<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
     segments: RowSegments<'a>,
     out: &'a [f32],
     lse: &'a [f32],
@@ -223,8 +229,7 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
     let mut dp = vec![0f32; TILE * TILE];
     for c0 in (0..tk).step_by(TILE) {
         let cols = TILE.min(tk - c0);
-        let k_tile = &k[c0 * dim..(c0 + cols) * dim];
-        let v_tile = &v[c0 * dim..(c0 + cols) * dim];
+        let (k_tile, v_tile) = (k.rows(c0, cols, dim), v.rows(c0, cols, dim));
         // The first query that can see key c0.
         let first_query = if s.causal { (c0 + tq).saturating_sub(tk) } else { 0 };
         for r0 in (first_query / TILE * TILE..tq).step_by(TILE) {
@@ -232,7 +237,7 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
                 continue; // P is zero on the whole tile
             }
             let rows = TILE.min(tq - r0);
-            let q_tile = &q[r0 * dim..(r0 + rows) * dim];
+            let q_tile = q.rows(r0, rows, dim);
             let do_tile = &d_out[r0 * dim..(r0 + rows) * dim];
             matmul(&mut p, q_tile, k_tile, (rows, cols, dim), false, true, false, Parallelism::None);
             let key_segments = &segments.key[c0..c0 + cols];
@@ -272,15 +277,17 @@ mod flex {
 
     use crate::flex_tensors::{contiguous_f32 as contiguous, f32_values as values};
 
-    /// Where each `(batch, head)` slab of a `[B, H, T, D]` tensor starts, when its rows are
-    /// contiguous within the slab: `(offset, batch stride, head stride)`.
-    fn slab_layout(t: &FlexTensor) -> Option<(usize, usize, usize)> {
+    /// Where each `(batch, head)` slab of a `[B, H, T, D]` tensor starts and how far apart its
+    /// rows lie, when each row's `D` values are contiguous and rows do not overlap:
+    /// `(offset, batch stride, head stride, row stride)`.
+    fn slab_layout(t: &FlexTensor) -> Option<(usize, usize, usize, usize)> {
         let layout = t.layout();
         let (shape, st) = (layout.shape(), layout.strides());
         let dim = shape[3] as isize;
-        let rows_contiguous = st[3] == 1 && (shape[2] <= 1 || st[2] == dim);
-        (rows_contiguous && st[0] >= 0 && st[1] >= 0 && t.dtype() == burn::tensor::DType::F32)
-            .then(|| (layout.start_offset(), st[0] as usize, st[1] as usize))
+        let row_stride = if shape[2] <= 1 { dim } else { st[2] };
+        let rows_readable = (st[3] == 1 || shape[3] <= 1) && row_stride >= dim;
+        (rows_readable && st[0] >= 0 && st[1] >= 0 && t.dtype() == burn::tensor::DType::F32)
+            .then(|| (layout.start_offset(), st[0] as usize, st[1] as usize, row_stride as usize))
     }
 
     /// q, k or v as it lies when its slabs can be read in place, else a row-major copy.
@@ -290,9 +297,9 @@ mod flex {
 
     /// The slabs of a tensor [`readable`] returned.
     fn heads(t: &FlexTensor) -> Heads<'_> {
-        let (offset, batch_stride, head_stride) = slab_layout(t).expect("readable layout");
+        let (offset, batch_stride, head_stride, row_stride) = slab_layout(t).expect("readable layout");
         let shape = t.layout().shape();
-        Heads { data: t.storage::<f32>(), offset, batch_stride, head_stride, heads: shape[1], slab_len: shape[2] * shape[3] }
+        Heads { data: t.storage::<f32>(), offset, batch_stride, head_stride, heads: shape[1], row_stride, rows: shape[2], dim: shape[3] }
     }
 
     fn shape(q: &FlexTensor, k: &FlexTensor, causal: bool, scale: f32) -> FlashShape {
