@@ -178,15 +178,16 @@ fn flash_attention_reads_strided_views() {
             assert_close(&format!("{device:?} strided: {name}"), f, r, tol);
         }
 
-        // q, k, v split from one fused projection `[B, T, 3·H·D]`, as the model's attention
-        // makes them (rows 3·H·D apart, read in place on the CPU), over more than one tile.
+        // q, k, v split from one fused projection `[B, T, 3·H·D]`, and the output turned back
+        // to `[B, T, H, D]`, as the model's attention does (q, k, v rows 3·H·D apart and the
+        // upstream gradient's rows H·D apart, all read in place on the CPU), over two tiles.
         let long = 150;
         let qkv = vec![Tensor::<3>::random([b, long, 3 * h * d], normal, &ad)];
-        let weights = Tensor::<4>::random([b, h, long, d], normal, &ad);
+        let weights = Tensor::<4>::random([b, long, h, d], normal, &ad);
         let run = |implementation| {
             forward_and_grads(&qkv, &weights, |x| {
                 let part = |i: usize| x[0].clone().narrow(2, i * h * d, h * d).reshape([b, long, h, d]).swap_dims(1, 2);
-                attention(part(0), part(1), part(2), AttentionOptions { causal: true, ..Default::default() }, implementation)
+                attention(part(0), part(1), part(2), AttentionOptions { causal: true, ..Default::default() }, implementation).swap_dims(1, 2)
             })
         };
         let (fused, fused_grads) = run(AttentionImpl::Fused);

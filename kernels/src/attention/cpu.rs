@@ -177,9 +177,9 @@ pub fn flash_backward(
     v: Heads,
     query_segments: &[f32],
     key_segments: &[f32],
-    out: &[f32],
+    out: Heads,
     lse: &[f32],
-    d_out: &[f32],
+    d_out: Heads,
     s: FlashShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let FlashShape { heads, tq, tk, dim, .. } = s;
@@ -191,15 +191,14 @@ pub fn flash_backward(
         .zip(dv.par_chunks_mut(tk * dim))
         .enumerate()
         .for_each(|(bh, ((dq, dk), dv))| {
-            let qs = bh * tq * dim..(bh + 1) * tq * dim;
             let inputs = HeadInputs {
                 q: q.slab(bh),
                 k: k.slab(bh),
                 v: v.slab(bh),
                 segments: RowSegments::new(query_segments, key_segments, bh / heads, &s),
-                out: &out[qs.clone()],
+                out: out.slab(bh),
                 lse: &lse[bh * tq..(bh + 1) * tq],
-                d_out: &d_out[qs],
+                d_out: d_out.slab(bh),
             };
             with_widest_simd(#[inline(always)] || backward_head(&inputs, s, dq, dk, dv));
         });
@@ -212,9 +211,9 @@ struct HeadInputs<'a> {
     k: Rows<'a>,
     v: Rows<'a>,
     segments: RowSegments<'a>,
-    out: &'a [f32],
+    out: Rows<'a>,
     lse: &'a [f32],
-    d_out: &'a [f32],
+    d_out: Rows<'a>,
 }
 
 /// One head: for each key tile, every query tile that sees it recomputes `P = exp(S − lse)` and
@@ -224,7 +223,7 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
     let HeadInputs { q, k, v, ref segments, out, lse, d_out } = *inputs;
     let FlashShape { tq, tk, dim, scale, .. } = s;
     // D_i = rowsum(dO ∘ O).
-    let delta: Vec<f32> = (0..tq).map(|i| (0..dim).map(|c| d_out[i * dim + c] * out[i * dim + c]).sum()).collect();
+    let delta: Vec<f32> = (0..tq).map(|i| d_out.rows(i, 1, dim).data.iter().zip(out.rows(i, 1, dim).data).map(|(g, o)| g * o).sum()).collect();
     let mut p = vec![0f32; TILE * TILE];
     let mut dp = vec![0f32; TILE * TILE];
     for c0 in (0..tk).step_by(TILE) {
@@ -238,7 +237,7 @@ fn backward_head(inputs: &HeadInputs, s: FlashShape, dq: &mut [f32], dk: &mut [f
             }
             let rows = TILE.min(tq - r0);
             let q_tile = q.rows(r0, rows, dim);
-            let do_tile = &d_out[r0 * dim..(r0 + rows) * dim];
+            let do_tile = d_out.rows(r0, rows, dim);
             matmul(&mut p, q_tile, k_tile, (rows, cols, dim), false, true, false, Parallelism::None);
             let key_segments = &segments.key[c0..c0 + cols];
             for r in 0..rows {
@@ -354,17 +353,19 @@ mod flex {
             scale: f32,
         ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
             let s = shape(&q, &k, causal, scale);
-            let [q, k, v] = [&q, &k, &v].map(readable);
-            let [qs, ks, out, lse, d_out] = [&query_segments, &key_segments, &out, &lse, &d_out].map(contiguous);
+            // d_out is normally a view too: the gradient of the model's `[B, T, H·D]` output
+            // seen as `[B, H, T, D]`.
+            let [q, k, v, out, d_out] = [&q, &k, &v, &out, &d_out].map(readable);
+            let [qs, ks, lse] = [&query_segments, &key_segments, &lse].map(contiguous);
             let (dq, dk, dv) = flash_backward(
                 heads(&q),
                 heads(&k),
                 heads(&v),
                 values(&qs),
                 values(&ks),
-                values(&out),
+                heads(&out),
                 values(&lse),
-                values(&d_out),
+                heads(&d_out),
                 s,
             );
             let (qs, ks) = (vec![s.batch, s.heads, s.tq, s.dim], vec![s.batch, s.heads, s.tk, s.dim]);
