@@ -105,6 +105,7 @@ impl<'a> Rows<'a> {
     /// the last row's end.
     #[inline(always)]
     pub fn rows(&self, start: usize, count: usize, width: usize) -> Rows<'a> {
+        debug_assert!(self.stride >= width, "rows() of a matrix without an explicit row stride");
         let first = start * self.stride;
         let end = if count == 0 { first } else { first + (count - 1) * self.stride + width };
         Rows { data: &self.data[first..end], stride: self.stride }
