@@ -60,14 +60,8 @@ pub fn sample_token(logits: &[f32], o: &SamplingOptions, rng: &mut SplitMix64) -
         // than the model's decode step at vocab 8192).
         let max = logits[argmax()] as f64;
         let weights: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / o.temperature).exp()).collect();
-        let mut u = rng.next_f64() * weights.iter().sum::<f64>();
-        for (i, w) in weights.iter().enumerate() {
-            if u < *w {
-                return i as u32;
-            }
-            u -= w;
-        }
-        return argmax() as u32;
+        let u = rng.next_f64() * weights.iter().sum::<f64>();
+        return pick(&weights, u).unwrap_or_else(argmax) as u32;
     }
     let mut candidates: Vec<(usize, f64)> =
         logits.iter().enumerate().map(|(i, &l)| (i, l as f64 / o.temperature)).collect();
@@ -94,14 +88,20 @@ pub fn sample_token(logits: &[f32], o: &SamplingOptions, rng: &mut SplitMix64) -
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
     }
-    let mut u = rng.next_f64();
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return candidates[i].0 as u32;
+    let i = pick(&probs, rng.next_f64()).unwrap_or(probs.len() - 1);
+    candidates[i].0 as u32
+}
+
+/// The index at which the running sum of `weights` first exceeds `u` (`u` drawn uniformly
+/// below their total), or `None` when rounding leaves `u` past the end.
+fn pick(weights: &[f64], mut u: f64) -> Option<usize> {
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return Some(i);
         }
-        u -= p;
+        u -= w;
     }
-    candidates[probs.len() - 1].0 as u32
+    None
 }
 
 /// How the next token's logits are obtained.

@@ -64,8 +64,8 @@ pub fn diversity_backward(embeddings: &[f32], grad: &[f32], groups: usize, n: us
     out
 }
 
-/// One row's gradient: `u = unit(e)`, `g_u = coef · (s − u)`, `(g_u − u (u·g_u)) / ‖e‖`, with
-/// `u` formed on the fly in both passes over the row (no division, no stored copy).
+/// One row's gradient: `g_u = coef · (s − u)`, `(g_u − u (u·g_u)) / ‖e‖`, with
+/// `u = unit(e)` formed on the fly in both passes over the row (no stored copy).
 #[inline(always)]
 fn project_row(e: &[f32], sum: &[f32], dst: &mut [f32], coef: f32, inverse_norm: f32, unit: impl Fn(f32) -> f32) {
     let u_dot_g = coef
